@@ -1,0 +1,386 @@
+"""The Zarr v3 activation cache: create, append chunk by chunk, resume, open, verify, statistics.
+
+Layout of one harvest (a Zarr v3 group, ``data/harvests/<name>/``)::
+
+    <hook_name>            [n_tokens, d_in]  float16 | float32 | bfloat16 (stored as uint16 bits)
+    tokens                 [n_seqs, context_size] int32, the token id of every activation row
+    zarr.json attributes   model, weights fingerprint, hooks, d_in, dtype, context size, BOS policy,
+                           dataset + fingerprint, token count, version, per-hook statistics,
+                           progress (``n_chunks_written``) and ``complete``
+
+Activation rows are in token order (row ``r`` is token ``r % context_size`` of sequence
+``r // context_size``). Arrays are chunked along tokens (``chunk_tokens`` rows, a whole number of
+sequences) and grouped into shards (``chunks_per_shard`` chunks per file) by zarr's sharding codec;
+each chunk is compressed with Blosc-Zstd and bit-shuffle. Zarr's local store writes every file to a
+temporary name and renames it, so a chunk write is atomic; the group's ``n_chunks_written``
+attribute is advanced only after a chunk is on disk for every hook, so a killed harvest leaves a
+group that says exactly how far it got and never one marked ``complete`` that is missing data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec
+
+from pipeline.constants import COMPLETE_ATTR, TOKENS_ARRAY
+from pipeline.errors import CacheError
+
+FORMAT_VERSION = 1
+_NUMPY_STORAGE = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
+_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def array_key(hook_name: str) -> str:
+    """Zarr array name for a hook (hook names contain dots, which zarr keys allow)."""
+    return hook_name
+
+
+def to_storage(acts: torch.Tensor, dtype: str, hook_name: str) -> np.ndarray:
+    """Cast activations ``[n, d_in]`` to the storage dtype as a numpy array.
+
+    Raises:
+        CacheError: if a finite activation overflows the storage dtype (float16 max 65504) or the
+            model produced NaN/Inf; the message names the hook, the max |value| and the fix.
+    """
+    stored = acts.detach().to(_TORCH_DTYPES[dtype])
+    if not torch.isfinite(stored).all():
+        max_abs = acts.detach().float().abs().nan_to_num(posinf=float("inf")).max().item()
+        why = "the model produced NaN/Inf" if not torch.isfinite(acts).all() else f"{dtype} overflows"
+        raise CacheError(
+            f"activations at hook {hook_name!r} cannot be stored as {dtype}: {why} "
+            f"(max |activation| {max_abs:.4g}). Re-run the harvest with dtype bfloat16 or float32 "
+            "(e.g. --dtype bfloat16) and --overwrite."
+        )
+    if dtype == "bfloat16":
+        return stored.view(torch.int16).numpy().view(np.uint16)
+    return stored.numpy()
+
+
+def from_storage(block: np.ndarray, dtype: str) -> torch.Tensor:
+    """Inverse of :func:`to_storage`: a numpy block ``[n, d_in]`` → torch tensor in the stored dtype."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(block.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(block)
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """Geometry shared by writer and reader (all counts in tokens = activation rows)."""
+
+    n_seqs: int
+    context_size: int
+    chunk_tokens: int
+    chunks_per_shard: int
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_seqs * self.context_size
+
+    @property
+    def n_chunks(self) -> int:
+        return math.ceil(self.n_tokens / self.chunk_tokens)
+
+    def chunk_rows(self, i: int) -> tuple[int, int]:
+        """Row range ``[start, stop)`` of chunk ``i``."""
+        start = i * self.chunk_tokens
+        return start, min(start + self.chunk_tokens, self.n_tokens)
+
+
+def chunk_tokens_for(context_size: int, target_tokens: int) -> int:
+    """Round the wanted chunk size to a whole number of sequences (at least one)."""
+    return max(1, round(target_tokens / context_size)) * context_size
+
+
+class ActivationCache:
+    """Read access to a harvest. Open with :meth:`open`; arrays are read lazily, chunk by chunk."""
+
+    def __init__(self, path: str | Path, group: zarr.Group):
+        self.path = Path(path)
+        self.group = group
+        self.attrs: dict[str, Any] = dict(group.attrs)
+        self.layout = CacheLayout(
+            n_seqs=self.attrs["n_seqs"],
+            context_size=self.attrs["context_size"],
+            chunk_tokens=self.attrs["chunk_tokens"],
+            chunks_per_shard=self.attrs["chunks_per_shard"],
+        )
+
+    # -- opening ---------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path, *, require_complete: bool = True) -> "ActivationCache":
+        """Open a cache folder.
+
+        Raises:
+            CacheError: the folder is missing, is not a sae-pipeline cache, or (with
+                ``require_complete``) its harvest did not finish — the message says how to resume.
+        """
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise CacheError(
+                f"no activation cache at {str(path)!r}: run `sae-pipeline harvest` first, or pass the "
+                "folder that holds the harvest's zarr.json."
+            )
+        try:
+            group = zarr.open_group(str(path), mode="r")
+        except Exception as e:  # zarr raises several types for damaged metadata
+            raise CacheError(f"{str(path)!r} is not a readable Zarr group ({e}); re-harvest it.") from e
+        if group.attrs.get("format") != "sae-pipeline-activations":
+            raise CacheError(f"{str(path)!r} is a Zarr group but not a sae-pipeline activation cache.")
+        cache = cls(path, group)
+        if require_complete and not cache.complete:
+            raise CacheError(
+                f"the cache at {str(path)!r} is incomplete ({cache.n_chunks_written}/{cache.layout.n_chunks} "
+                "chunks written): its harvest was interrupted. Re-run the same `sae-pipeline harvest` "
+                "command to resume it."
+            )
+        return cache
+
+    # -- metadata --------------------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get(COMPLETE_ATTR, False))
+
+    @property
+    def n_chunks_written(self) -> int:
+        return int(self.attrs.get("n_chunks_written", 0))
+
+    @property
+    def hook_names(self) -> list[str]:
+        return list(self.attrs["hook_names"])
+
+    @property
+    def dtype(self) -> str:
+        return self.attrs["dtype"]
+
+    @property
+    def d_in(self) -> int:
+        """Width of the (first) hook; use :meth:`d_in_of` for multi-hook caches of mixed width."""
+        return self.d_in_of(self.hook_names[0])
+
+    def d_in_of(self, hook_name: str) -> int:
+        return int(self.attrs["d_in"][self.resolve_hook(hook_name)])
+
+    def resolve_hook(self, hook_name: str | None) -> str:
+        """The cached hook to use: ``hook_name`` if cached, the only hook if ``None``.
+
+        Raises:
+            CacheError: the hook is not in this cache, or ``None`` is ambiguous.
+        """
+        if hook_name is None:
+            if len(self.hook_names) > 1:
+                raise CacheError(f"the cache holds several hooks {self.hook_names}; pass hook_name.")
+            return self.hook_names[0]
+        if hook_name not in self.hook_names:
+            raise CacheError(
+                f"hook {hook_name!r} is not in the cache at {str(self.path)!r}, which holds "
+                f"{self.hook_names}; pick one of those or harvest that hook."
+            )
+        return hook_name
+
+    @property
+    def holdout_chunks(self) -> list[int]:
+        """The chunk ids kept out of training (the last ones, in token order)."""
+        n = int(self.attrs.get("n_holdout_chunks", 0))
+        return list(range(self.layout.n_chunks - n, self.layout.n_chunks))
+
+    @property
+    def train_chunks(self) -> list[int]:
+        n = int(self.attrs.get("n_holdout_chunks", 0))
+        return list(range(self.layout.n_chunks - n))
+
+    @property
+    def special_token_ids(self) -> list[int]:
+        return list(self.attrs.get("special_token_ids", []))
+
+    # -- data ------------------------------------------------------------------------------------
+    def array(self, hook_name: str) -> zarr.Array:
+        return self.group[array_key(self.resolve_hook(hook_name))]
+
+    @property
+    def tokens(self) -> zarr.Array:
+        """Token ids ``[n_seqs, context_size]`` int32."""
+        return self.group[TOKENS_ARRAY]
+
+    def read_chunk(self, hook_name: str, i: int) -> torch.Tensor:
+        """Activations of chunk ``i``: ``[rows, d_in]`` in the stored dtype (CPU tensor)."""
+        start, stop = self.layout.chunk_rows(i)
+        return from_storage(self.array(hook_name)[start:stop], self.dtype)
+
+    def read_rows(self, hook_name: str, start: int, stop: int) -> torch.Tensor:
+        """Activations of rows ``[start, stop)``: ``[stop - start, d_in]`` in the stored dtype."""
+        return from_storage(self.array(hook_name)[start:stop], self.dtype)
+
+    def chunk_token_ids(self, i: int) -> np.ndarray:
+        """Token id of every row of chunk ``i``: ``[rows]`` int32."""
+        start, stop = self.layout.chunk_rows(i)
+        ctx = self.layout.context_size
+        return np.asarray(self.tokens[start // ctx : stop // ctx]).reshape(-1)
+
+    def statistics(self, hook_name: str) -> dict[str, Any]:
+        """Per-hook statistics recorded at harvest: ``mean`` [d_in] and ``mean_norm`` (L2, float)."""
+        return self.attrs["statistics"][self.resolve_hook(hook_name)]
+
+    def summary(self) -> str:
+        a = self.attrs
+        return (
+            f"{self.path}: {a['n_tokens']:,} tokens of {a['model_name']} at {', '.join(self.hook_names)} "
+            f"(d_in {a['d_in']}, {self.dtype}, context {a['context_size']}, "
+            f"{len(self.holdout_chunks)}/{self.layout.n_chunks} chunks held out)"
+        )
+
+
+def compute_statistics(cache: ActivationCache, hook_name: str, *, exclude_token_ids=()) -> dict[str, Any]:
+    """Mean activation ``[d_in]`` and mean L2 norm over the cache with dask, out of core.
+
+    Rows whose token id is in ``exclude_token_ids`` (BOS/EOS/padding, whose activations are
+    outliers) are left out. Returns ``{"mean": list[float], "mean_norm": float, "n_rows": int}``.
+    """
+    import dask.array as da
+
+    arr = da.from_zarr(cache.array(hook_name))
+    if cache.dtype == "bfloat16":
+        arr = arr.map_blocks(lambda b: from_storage(b, "bfloat16").float().numpy(), dtype=np.float32)
+    arr = arr.astype(np.float64)
+    tokens = np.asarray(cache.tokens[:]).reshape(-1)
+    keep = ~np.isin(tokens, np.asarray(list(exclude_token_ids), dtype=np.int64))
+    keep_da = da.from_array(keep, chunks=(arr.chunks[0],))
+    n = int(keep.sum())
+    if n == 0:
+        raise CacheError("every row of the cache is a special token; nothing to compute statistics on.")
+    masked = arr * keep_da[:, None]
+    total, norm_total = da.compute(masked.sum(axis=0), (da.sqrt((arr**2).sum(axis=1)) * keep_da).sum())
+    return {"mean": (total / n).tolist(), "mean_norm": float(norm_total / n), "n_rows": n}
+
+
+class CacheWriter:
+    """Creates or resumes a harvest and appends it chunk by chunk (see the module docstring)."""
+
+    def __init__(self, path: Path, group: zarr.Group):
+        self.path = path
+        self.group = group
+        self.cache = ActivationCache(path, group)
+
+    @classmethod
+    def create_or_resume(
+        cls,
+        path: str | Path,
+        *,
+        metadata: dict[str, Any],
+        d_in: dict[str, int],
+        tokens: np.ndarray,
+        dtype: str,
+        chunk_tokens: int,
+        chunks_per_shard: int,
+        n_holdout_chunks: int,
+        compression_level: int = 3,
+        overwrite: bool = False,
+    ) -> "CacheWriter":
+        """Open ``path`` for writing: create it, or resume it if it holds the same harvest.
+
+        ``metadata`` must hold everything that identifies the harvest (model, weights fingerprint,
+        hooks, dataset fingerprint, ...); a resume is refused unless it matches exactly.
+
+        Raises:
+            CacheError: ``path`` holds a different harvest (or anything else) and ``overwrite`` is
+                False — nothing is touched; or ``path`` holds a finished identical harvest.
+        """
+        path = Path(path)
+        identity = {**metadata, "d_in": d_in, "dtype": dtype, "chunk_tokens": chunk_tokens,
+                    "chunks_per_shard": chunks_per_shard, "n_seqs": int(tokens.shape[0]),
+                    "context_size": int(tokens.shape[1]), "n_holdout_chunks": n_holdout_chunks,
+                    "tokens_sha256": _sha256(tokens)}
+        identity = json.loads(json.dumps(identity))  # normalise tuples etc. as JSON stores them
+        if path.exists() and any(path.iterdir()) and not overwrite:
+            existing = _read_attributes(path)
+            diff = sorted(k for k in identity if existing.get(k) != identity[k])
+            if diff:
+                raise CacheError(
+                    f"{str(path)!r} already holds a different harvest (differs in: {', '.join(diff) or 'layout'}). "
+                    "Nothing was changed. Pass --overwrite to replace it, or choose another output_path."
+                )
+            group = zarr.open_group(str(path), mode="r+")
+            writer = cls(path, group)
+            _remove_partial_files(path)
+            return writer
+        group = zarr.open_group(str(path), mode="w")
+        layout = CacheLayout(int(tokens.shape[0]), int(tokens.shape[1]), chunk_tokens, chunks_per_shard)
+        for hook, width in d_in.items():
+            group.create_array(
+                array_key(hook),
+                shape=(layout.n_tokens, width),
+                chunks=(chunk_tokens, width),
+                shards=(chunk_tokens * chunks_per_shard, width),
+                dtype=_NUMPY_STORAGE[dtype],
+                compressors=BloscCodec(cname="zstd", clevel=compression_level, shuffle="bitshuffle"),
+                fill_value=0,
+            )
+        seqs_per_chunk = chunk_tokens // tokens.shape[1]
+        tok = group.create_array(TOKENS_ARRAY, shape=tokens.shape, dtype="int32",
+                                 chunks=(seqs_per_chunk, tokens.shape[1]),
+                                 compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"))
+        tok[:] = tokens.astype(np.int32)
+        group.attrs.update({"format": "sae-pipeline-activations", "format_version": FORMAT_VERSION,
+                            **identity, "n_tokens": layout.n_tokens,
+                            "n_chunks_written": 0, COMPLETE_ATTR: False})
+        return cls(path, group)
+
+    @property
+    def layout(self) -> CacheLayout:
+        return self.cache.layout
+
+    @property
+    def n_chunks_written(self) -> int:
+        return int(self.group.attrs.get("n_chunks_written", 0))
+
+    def write_chunk(self, i: int, blocks: dict[str, np.ndarray]) -> None:
+        """Write chunk ``i`` for every hook, then advance the progress attribute.
+
+        Chunks must be written in order; ``blocks[hook]`` is ``[rows_of_chunk_i, d_in]`` in the
+        storage dtype (see :func:`to_storage`).
+        """
+        if i != self.n_chunks_written:
+            raise CacheError(f"chunk {i} written out of order (expected {self.n_chunks_written}).")
+        start, stop = self.layout.chunk_rows(i)
+        for hook, block in blocks.items():
+            if block.shape[0] != stop - start:
+                raise CacheError(f"chunk {i} of {hook!r} has {block.shape[0]} rows, expected {stop - start}.")
+            self.group[array_key(hook)][start:stop] = block
+        self.group.attrs["n_chunks_written"] = i + 1
+
+    def finalize(self, statistics: dict[str, Any], extra: dict[str, Any] | None = None) -> ActivationCache:
+        """Record statistics and mark the harvest complete (the last write of a harvest)."""
+        if self.n_chunks_written != self.layout.n_chunks:
+            raise CacheError(
+                f"cannot finalize: {self.n_chunks_written}/{self.layout.n_chunks} chunks written."
+            )
+        self.group.attrs.update({"statistics": statistics, **(extra or {})})
+        self.group.attrs[COMPLETE_ATTR] = True
+        return ActivationCache.open(self.path)
+
+
+def _sha256(array: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+
+def _read_attributes(path: Path) -> dict[str, Any]:
+    """The group attributes of whatever is at ``path`` ({} when it is not a Zarr group)."""
+    try:
+        return json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def _remove_partial_files(path: Path) -> None:
+    """Drop leftovers of a write that was killed before its rename (zarr's ``*.partial`` files)."""
+    for leftover in path.rglob("*.partial"):
+        leftover.unlink(missing_ok=True)

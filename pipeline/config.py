@@ -1,0 +1,298 @@
+"""Typed configs for the stages, loaded from YAML or dicts with clear errors.
+
+Field names follow SAELens where the concept is the same (``d_in``, ``d_sae``, ``l1_coefficient``,
+``l1_warm_up_steps``, ``lr_warm_up_steps``, ``train_batch_size_tokens``, ``training_tokens``,
+``context_size``, ``prepend_bos``, ``normalize_activations``, ...), so a SAELens user's config reads
+the same here. An unknown field is an error naming the closest valid field; a SAELens field that has
+no meaning when training from a cache is accepted with a warning that says why it is ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+import warnings
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+C = TypeVar("C", bound="_Config")
+
+STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+ARCHITECTURE_NAMES = ("standard", "topk")
+NORMALIZE_ACTIVATIONS = ("expected_average_only_in", "none")
+LR_SCHEDULERS = ("constant", "cosineannealing")
+B_DEC_INITS = ("geometric_median", "mean", "zeros")
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Numbers written as strings (YAML reads ``3e-4`` as a string) become the field's number type.
+
+    Raises:
+        ConfigError: the value cannot be read as the field's number type.
+    """
+    types = [t for t in (typing.get_args(hint) or (hint,)) if t is not type(None)]
+    numeric = float if float in types else int if int in types else None
+    if numeric is None or isinstance(value, bool) or not isinstance(value, (str, float)):
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if number is not None and (numeric is float or number.is_integer()):
+        return numeric(number)
+    raise ConfigError(f"{name} must be {'a number' if numeric is float else 'an integer'}, got {value!r}.")
+
+
+@dataclass
+class _Config:
+    """Shared YAML/dict loading and validation."""
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any] | None) -> C:
+        """Build from a dict; unknown keys raise ConfigError naming the closest valid field."""
+        data = dict(data or {})
+        data = cls._translate(data)
+        names = [f.name for f in fields(cls) if f.init]
+        for key in list(data):
+            if key in cls._ignored_fields():
+                warnings.warn(f"config field {key!r} is ignored: {cls._ignored_fields()[key]}", stacklevel=2)
+                del data[key]
+            elif key not in names:
+                close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+                hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+                raise ConfigError(
+                    f"unknown {cls.__name__} field {key!r}.{hint} Valid fields: {', '.join(names)}."
+                )
+        hints = typing.get_type_hints(cls)
+        data = {key: _coerce(key, value, hints[key]) for key, value in data.items()}
+        try:
+            cfg = cls(**data)
+        except TypeError as e:  # pragma: no cover - dataclass signature errors
+            raise ConfigError(f"{cls.__name__}: {e}") from e
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_yaml(cls: type[C], path: str | Path, overrides: dict[str, Any] | None = None) -> C:
+        """Load ``path`` (a YAML mapping), apply ``overrides`` (None values are skipped), validate."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file.")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of field: value.")
+        data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+    def save_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def _ignored_fields(cls) -> dict[str, str]:
+        """SAELens fields accepted for familiarity but meaningless here: name -> why ignored."""
+        return {}
+
+    @classmethod
+    def _translate(cls, data: dict[str, Any]) -> dict[str, Any]:
+        return data
+
+    def validate(self) -> None:
+        """Raise ConfigError on a bad value."""
+
+    def _check_positive(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or value <= 0):
+                raise ConfigError(f"{name} must be a positive number, got {value!r}.")
+
+    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        if getattr(self, name) not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}.")
+
+
+@dataclass
+class HarvestConfig(_Config):
+    """Stage 1: which model, hooks and text to run, and how to store the activations."""
+
+    model_name: str = "smollm2-135m"
+    hook_names: list[str] = field(default_factory=lambda: ["blocks.8.hook_resid_post"])
+    dataset_path: str = "shakespeare"
+    dataset_name: str | None = None
+    dataset_split: str = "train"
+    text_column: str = "text"
+    context_size: int = 128
+    prepend_bos: bool = False
+    separator: str = "eos"
+    n_tokens: int = 200_000
+    holdout_tokens: int | None = None  # None: min(16,384, n_tokens // 10)
+    store_batch_size_prompts: int = 16
+    dtype: str = "float16"
+    model_dtype: str = "float32"
+    device: str = "cpu"
+    chunk_tokens: int = 4096
+    chunks_per_shard: int = 8
+    compression_level: int = 3
+    output_path: str = "data/harvests/default"
+    overwrite: bool = False
+
+    @classmethod
+    def _translate(cls, data: dict[str, Any]) -> dict[str, Any]:
+        if "hook_name" in data:  # SAELens configs name a single hook
+            if "hook_names" in data:
+                raise ConfigError("give either hook_name or hook_names, not both.")
+            data["hook_names"] = [data.pop("hook_name")]
+        if "training_tokens" in data and "n_tokens" not in data:  # SAELens CacheActivationsRunnerConfig
+            data["n_tokens"] = data.pop("training_tokens")
+        if isinstance(data.get("hook_names"), str):
+            data["hook_names"] = [h.strip() for h in data["hook_names"].split(",") if h.strip()]
+        return data
+
+    def validate(self) -> None:
+        self._check_positive("context_size", "n_tokens", "store_batch_size_prompts", "chunk_tokens",
+                             "chunks_per_shard")
+        self._check_choice("dtype", STORAGE_DTYPES)
+        self._check_choice("model_dtype", STORAGE_DTYPES)
+        self._check_choice("separator", ("eos", "bos", "none"))
+        if not self.hook_names:
+            raise ConfigError("hook_names is empty; name at least one hook, e.g. blocks.8.hook_resid_post.")
+        if len(set(self.hook_names)) != len(self.hook_names):
+            raise ConfigError(f"hook_names has duplicates: {self.hook_names}.")
+        if self.n_tokens < self.context_size:
+            raise ConfigError(
+                f"n_tokens ({self.n_tokens}) is smaller than one sequence of context_size "
+                f"({self.context_size}); raise n_tokens or lower context_size."
+            )
+        if self.holdout_tokens is not None and not 0 <= self.holdout_tokens < self.n_tokens:
+            raise ConfigError(
+                f"holdout_tokens ({self.holdout_tokens}) must be >= 0 and below n_tokens ({self.n_tokens})."
+            )
+        if not 1 <= self.compression_level <= 22:
+            raise ConfigError(f"compression_level must be in 1..22 (zstd), got {self.compression_level}.")
+
+
+    @property
+    def resolved_holdout_tokens(self) -> int:
+        """Tokens kept out of training (rounded up to whole chunks by the cache)."""
+        return min(16_384, self.n_tokens // 10) if self.holdout_tokens is None else self.holdout_tokens
+
+
+@dataclass
+class TrainConfig(_Config):
+    """Stage 2: one SAE trained from a cache. Names as in SAELens's LanguageModelSAERunnerConfig."""
+
+    cache_path: str = "data/harvests/default"
+    hook_name: str | None = None
+    architecture: str = "topk"
+    d_in: int | None = None
+    d_sae: int = 4608
+    k: int = 32
+    l1_coefficient: float = 5.0
+    l1_warm_up_steps: int = 0
+    aux_loss_coefficient: float = 1 / 32
+    lr: float = 4e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    lr_scheduler_name: str = "constant"
+    lr_warm_up_steps: int = 0
+    lr_decay_steps: int = 0
+    train_batch_size_tokens: int = 4096
+    training_tokens: int = 1_000_000
+    normalize_activations: str = "expected_average_only_in"
+    b_dec_init_method: str = "geometric_median"
+    dead_feature_window: int = 250
+    feature_sampling_window: int = 100
+    dead_feature_threshold: float = 1e-8
+    exclude_special_tokens: bool = True
+    shuffle_buffer_tokens: int = 262_144
+    num_workers: int = 2
+    prefetch_batches: int = 4
+    seed: int = 42
+    device: str = "cpu"
+    dtype: str = "float32"
+    output_path: str = "data/saes/default"
+    log_every: int = 50
+    overwrite: bool = False
+
+    @classmethod
+    def _ignored_fields(cls) -> dict[str, str]:
+        cache = "activations come from the Zarr cache, which fixes it at harvest time"
+        return {
+            "context_size": cache,
+            "store_batch_size_prompts": cache,
+            "prepend_bos": cache,
+            "dataset_path": cache,
+            "model_name": cache,
+            "n_batches_in_buffer": "the loader's shuffle_buffer_tokens sets the mixing buffer",
+            "log_to_wandb": "wandb logging is not wired yet; metrics go to metrics.jsonl",
+            "wandb_project": "wandb logging is not wired yet; metrics go to metrics.jsonl",
+        }
+
+    @classmethod
+    def _translate(cls, data: dict[str, Any]) -> dict[str, Any]:
+        kwargs = data.pop("activation_fn_kwargs", None) or {}
+        if "k" in kwargs:
+            data.setdefault("k", kwargs.pop("k"))
+        if kwargs:
+            raise ConfigError(f"activation_fn_kwargs has unsupported keys {sorted(kwargs)}; only 'k' is used.")
+        act = data.pop("activation_fn", None)
+        if act is not None:
+            arch = data.get("architecture", "topk" if act == "topk" else "standard")
+            expected = "topk" if arch == "topk" else "relu"
+            if act != expected:
+                raise ConfigError(
+                    f"activation_fn {act!r} does not match architecture {arch!r} (expects {expected!r}); "
+                    "set architecture: topk for activation_fn: topk, or architecture: standard for relu."
+                )
+            data.setdefault("architecture", arch)
+        return data
+
+    def validate(self) -> None:
+        self._check_choice("architecture", ARCHITECTURE_NAMES)
+        self._check_choice("normalize_activations", NORMALIZE_ACTIVATIONS)
+        self._check_choice("lr_scheduler_name", LR_SCHEDULERS)
+        self._check_choice("b_dec_init_method", B_DEC_INITS)
+        self._check_choice("dtype", ("float32", "bfloat16"))
+        self._check_positive("d_sae", "k", "lr", "train_batch_size_tokens", "training_tokens",
+                             "shuffle_buffer_tokens", "num_workers", "prefetch_batches", "log_every",
+                             "dead_feature_window", "feature_sampling_window", "d_in")
+        if self.l1_coefficient < 0 or self.aux_loss_coefficient < 0:
+            raise ConfigError("l1_coefficient and aux_loss_coefficient must be >= 0.")
+        if self.architecture == "topk" and self.k > self.d_sae:
+            raise ConfigError(f"k ({self.k}) must not exceed d_sae ({self.d_sae}).")
+        if self.shuffle_buffer_tokens < 2 * self.train_batch_size_tokens:
+            raise ConfigError(
+                f"shuffle_buffer_tokens ({self.shuffle_buffer_tokens}) must be at least twice "
+                f"train_batch_size_tokens ({self.train_batch_size_tokens}) for batches to be mixed."
+            )
+
+    @property
+    def total_steps(self) -> int:
+        return -(-self.training_tokens // self.train_batch_size_tokens)
+
+
+@dataclass
+class EvalConfig(_Config):
+    """Evaluate one SAE on the cache's holdout slice (and CE loss recovered with the model)."""
+
+    sae_path: str = "data/saes/default"
+    cache_path: str | None = None
+    n_eval_tokens: int | None = None
+    ce_loss: bool = True
+    n_ce_sequences: int = 32
+    batch_size_prompts: int = 8
+    device: str = "cpu"
+    output_path: str | None = None
+
+    def validate(self) -> None:
+        self._check_positive("n_eval_tokens", "n_ce_sequences", "batch_size_prompts")

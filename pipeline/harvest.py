@@ -1,0 +1,156 @@
+"""Stage 1 in the library: run a model over token sequences once and fill the activation cache.
+
+All hooks are captured in one forward pass that stops after the last hooked block. Token
+sequences are fixed before any forward pass (they are small next to the activations) so the
+harvest is deterministic and a resumed harvest continues at the exact chunk where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline import __version__, models, text
+from pipeline.cache import ActivationCache, CacheWriter, chunk_tokens_for, compute_statistics, to_storage
+from pipeline.config import HarvestConfig
+from pipeline.errors import ConfigError, DatasetError
+
+_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class HarvestResult:
+    cache: ActivationCache
+    tokens_per_second: float  # forward + write throughput of this run (0 when nothing was left to do)
+    bytes_per_token: float  # stored bytes on disk / n_tokens, all hooks together
+    n_tokens_harvested: int  # tokens harvested by this run (less than the total on a resume)
+
+
+def tokenize_dataset(cfg: HarvestConfig, tokenizer) -> np.ndarray:
+    """The harvest's token ids ``[n_seqs, context_size]`` int32, ``n_seqs = n_tokens // context_size``.
+
+    Raises:
+        DatasetError: the dataset yields fewer tokens than one sequence.
+    """
+    max_seqs = cfg.n_tokens // cfg.context_size
+    docs = text.iter_documents(cfg.dataset_path, text_column=cfg.text_column, split=cfg.dataset_split,
+                               name=cfg.dataset_name)
+    rows = list(text.tokenize_to_sequences(docs, tokenizer, cfg.context_size, prepend_bos=cfg.prepend_bos,
+                                           separator=cfg.separator, max_sequences=max_seqs))
+    if not rows:
+        raise DatasetError(
+            f"dataset {cfg.dataset_path!r} yielded no full sequence of context_size {cfg.context_size}; "
+            "use a longer dataset or a smaller context_size."
+        )
+    if len(rows) < max_seqs:
+        print(f"note: dataset holds {len(rows) * cfg.context_size:,} tokens, fewer than n_tokens "
+              f"{cfg.n_tokens:,}; harvesting all of it.")
+    return np.stack(rows).astype(np.int32)
+
+
+def harvest(cfg: HarvestConfig, model=None) -> HarvestResult:
+    """Run stage 1: tokenize, run the model, write (or resume) the cache at ``cfg.output_path``.
+
+    Raises:
+        ModelError, HookNameError, DatasetError, ConfigError, CacheError: bad input, before any
+            activation is written; CacheError on float16 overflow (names hook and max value).
+    """
+    source = models.resolve_model(cfg.model_name)
+    model = model if model is not None else models.load_model(cfg.model_name, device=cfg.device,
+                                                             dtype=_TORCH_DTYPES[cfg.model_dtype])
+    models.validate_hook_names(model, cfg.hook_names)
+    if cfg.context_size > model.cfg.n_ctx:
+        raise ConfigError(
+            f"context_size {cfg.context_size} exceeds the model's context length n_ctx {model.cfg.n_ctx}; "
+            "lower context_size."
+        )
+    tokens = tokenize_dataset(cfg, model.tokenizer)
+    chunk_tokens = chunk_tokens_for(cfg.context_size, cfg.chunk_tokens)
+    n_chunks = -(-tokens.size // chunk_tokens)
+    holdout = cfg.resolved_holdout_tokens
+    n_holdout = min(n_chunks - 1, -(-holdout // chunk_tokens)) if holdout else 0
+    d_in = {hook: models.d_in_of(model, hook) for hook in cfg.hook_names}
+    special = models.special_token_ids(model.tokenizer)
+    metadata = {
+        "model_name": models.model_display_name(source),
+        "model_source": {"kind": source.kind, "name": source.name},
+        "weights_fingerprint": models.model_fingerprint(model),
+        "hook_names": list(cfg.hook_names),
+        "model_dtype": cfg.model_dtype,
+        "prepend_bos": cfg.prepend_bos,
+        "separator": cfg.separator,
+        "dataset_path": cfg.dataset_path,
+        "dataset_name": cfg.dataset_name,
+        "dataset_split": cfg.dataset_split,
+        "dataset_fingerprint": text.dataset_fingerprint(cfg.dataset_path, text_column=cfg.text_column,
+                                                        split=cfg.dataset_split, name=cfg.dataset_name),
+        "tokenizer": type(model.tokenizer).__name__ + ":" + str(getattr(model.tokenizer, "name_or_path", "")),
+        "special_token_ids": special,
+    }
+    writer = CacheWriter.create_or_resume(
+        cfg.output_path, metadata=metadata, d_in=d_in, tokens=tokens, dtype=cfg.dtype,
+        chunk_tokens=chunk_tokens, chunks_per_shard=cfg.chunks_per_shard, n_holdout_chunks=n_holdout,
+        compression_level=cfg.compression_level, overwrite=cfg.overwrite,
+    )
+    start_chunk = writer.n_chunks_written
+    if start_chunk:
+        print(f"resuming harvest at chunk {start_chunk}/{n_chunks} ({str(cfg.output_path)!r})")
+    t0 = time.perf_counter()
+    _run_forward(model, tokens, writer, cfg, start_chunk)
+    elapsed = time.perf_counter() - t0
+    n_new = tokens.size - min(tokens.size, start_chunk * chunk_tokens)
+    if writer.cache.complete:
+        cache = ActivationCache.open(cfg.output_path)
+    else:
+        stats = {h: compute_statistics(writer.cache, h, exclude_token_ids=special) for h in cfg.hook_names}
+        cache = writer.finalize(stats, {"sae_pipeline_version": __version__, "torch_version": torch.__version__})
+    return HarvestResult(cache, n_new / elapsed if n_new and elapsed > 0 else 0.0,
+                         _disk_bytes(Path(cfg.output_path)) / tokens.size, n_new)
+
+
+def _run_forward(model, tokens: np.ndarray, writer: CacheWriter, cfg: HarvestConfig, start_chunk: int) -> None:
+    """Forward every sequence from ``start_chunk`` on, buffering one chunk per hook before writing."""
+    layout = writer.layout
+    seqs_per_chunk = layout.chunk_tokens // layout.context_size
+    stop_at = models.stop_at_layer_for(cfg.hook_names)
+    buffers: dict[str, list[np.ndarray]] = {h: [] for h in cfg.hook_names}
+    chunk = start_chunk
+    s = start_chunk * seqs_per_chunk
+    bar = tqdm(total=tokens.size, initial=min(s * layout.context_size, tokens.size), unit="tok",
+               unit_scale=True, desc="harvest", dynamic_ncols=True)
+    with torch.no_grad():
+        while s < tokens.shape[0]:
+            # never let a forward batch straddle a chunk boundary, so each chunk flushes exactly
+            e = min(s + cfg.store_batch_size_prompts, tokens.shape[0], (chunk + 1) * seqs_per_chunk)
+            batch = torch.from_numpy(tokens[s:e].astype(np.int64)).to(cfg.device)
+            _, act_cache = model.run_with_cache(batch, names_filter=list(cfg.hook_names), stop_at_layer=stop_at)
+            for hook in cfg.hook_names:
+                acts = act_cache[hook].reshape(-1, act_cache[hook].shape[-1]).cpu()
+                buffers[hook].append(to_storage(acts, cfg.dtype, hook))
+            bar.update((e - s) * layout.context_size)
+            if e == min((chunk + 1) * seqs_per_chunk, tokens.shape[0]):
+                writer.write_chunk(chunk, {h: np.concatenate(b) for h, b in buffers.items()})
+                buffers = {h: [] for h in cfg.hook_names}
+                chunk += 1
+            s = e
+    bar.close()
+
+
+def _disk_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def describe(result: HarvestResult) -> dict[str, Any]:
+    """The figures a harvest prints: tokens/s, bytes/token, token count."""
+    return {
+        "n_tokens": result.cache.layout.n_tokens,
+        "tokens_per_second": round(result.tokens_per_second, 1),
+        "bytes_per_token": round(result.bytes_per_token, 1),
+        "path": str(result.cache.path),
+    }

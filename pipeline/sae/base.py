@@ -1,0 +1,328 @@
+"""The SAE base class and its config: what every architecture shares.
+
+An SAE maps an activation ``x: [..., d_in]`` to latents ``f: [..., d_sae]`` and back to a
+reconstruction ``x̂: [..., d_in]``. Every architecture stores the same four parameters, named and
+shaped as SAELens stores them (so the weight files are interchangeable):
+
+- ``W_enc: [d_in, d_sae]``, ``b_enc: [d_sae]`` (encoder),
+- ``W_dec: [d_sae, d_in]``, ``b_dec: [d_in]`` (decoder; ``b_dec`` is also subtracted from the
+  input before encoding when ``apply_b_dec_to_input``).
+
+Subclasses implement the activation function (:meth:`SAE.encode`) and the training pieces that
+differ between architectures (:meth:`SAE.training_loss`, initialisation, decoder constraints).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.errors import ConfigError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """Map ``"float32"`` (or SAELens's older ``"torch.float32"``) to a torch dtype.
+
+    Raises:
+        ConfigError: the name is not one of float32, float64, float16, bfloat16.
+    """
+    key = name.removeprefix("torch.")
+    if key not in DTYPES:
+        raise ConfigError(
+            f"dtype {name!r} is not supported; use one of {sorted(DTYPES)}."
+        )
+    return DTYPES[key]
+
+
+def closest_name_hint(name: str, valid: list[str] | tuple[str, ...]) -> str:
+    """`` (did you mean 'x'?)`` when a valid name is close to ``name``, else ``""``."""
+    close = difflib.get_close_matches(name, list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+@dataclass
+class SAEConfig:
+    """Everything needed to rebuild an SAE's modules (not its training schedule).
+
+    Fields:
+        architecture: registry name, e.g. ``"standard"`` or ``"topk"``.
+        d_in: width of the activations the SAE reads (the hook's last dimension).
+        d_sae: number of latents.
+        k: active latents per token (``topk`` only; must be None for ``standard``).
+        hook_name: TransformerLens hook the activations come from, e.g. ``blocks.6.hook_resid_post``.
+        model_name: model the activations come from.
+        dtype: parameter dtype name (float32, float64, float16, bfloat16).
+        device: torch device the parameters live on.
+        apply_b_dec_to_input: subtract ``b_dec`` from ``x`` before encoding.
+        normalize_activations: SAELens field, recorded only. ``"none"`` means the SAE takes raw
+            activations; ``"expected_average_only_in"`` means inputs must be scaled by the
+            dataset's norm-scaling factor first (use :meth:`SAE.fold_activation_scale` to remove
+            that requirement).
+        k_aux: AuxK latents per token (``topk`` only); None means ``d_in // 2``
+            (Gao et al. 2024, appendix A.2).
+        aux_k_coefficient: weight α of the AuxK loss (``topk`` only); Gao et al. use 1/32.
+        metadata: free-form provenance written into ``cfg.json``'s ``metadata`` (context_size,
+            prepend_bos, dataset, ...). Values must be JSON-serialisable.
+    """
+
+    architecture: str
+    d_in: int
+    d_sae: int
+    k: int | None = None
+    hook_name: str = ""
+    model_name: str = ""
+    dtype: str = "float32"
+    device: str = "cpu"
+    apply_b_dec_to_input: bool = True
+    normalize_activations: str = "none"
+    k_aux: int | None = None
+    aux_k_coefficient: float = 1.0 / 32.0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("d_in", "d_sae"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+        dtype_from_name(self.dtype)
+        self.dtype = self.dtype.removeprefix("torch.")
+        if self.normalize_activations not in ("none", "expected_average_only_in"):
+            raise ConfigError(
+                f"normalize_activations={self.normalize_activations!r} is not supported; use "
+                "'none' (raw activations) or 'expected_average_only_in' (inputs pre-scaled)."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready flat dict of every field (``metadata`` copied)."""
+        out = dataclasses.asdict(self)
+        out["metadata"] = dict(self.metadata)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SAEConfig:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ConfigError: a key is unknown (the message suggests the closest field name) or a
+                required field (architecture, d_in, d_sae) is missing.
+        """
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in names:
+                raise ConfigError(
+                    f"unknown SAE config key {key!r}{closest_name_hint(key, names)}; "
+                    f"valid keys: {', '.join(names)}."
+                )
+        missing = [n for n in ("architecture", "d_in", "d_sae") if n not in data]
+        if missing:
+            raise ConfigError(f"SAE config is missing required key(s) {missing}; add them.")
+        return cls(**data)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return dtype_from_name(self.dtype)
+
+
+@dataclass
+class SparseLatents:
+    """Latents stored as the ``k`` active entries per token (TopK training path).
+
+    Fields:
+        values: ``[batch, k]`` activations (after ReLU, so some may be 0).
+        indices: ``[batch, k]`` int64 latent ids in ``[0, d_sae)``.
+        d_sae: number of latents, for :meth:`to_dense`.
+    """
+
+    values: Tensor
+    indices: Tensor
+    d_sae: int
+
+    def to_dense(self) -> Tensor:
+        """``[batch, d_sae]`` with zeros outside the selected entries."""
+        dense = self.values.new_zeros(*self.values.shape[:-1], self.d_sae)
+        return dense.scatter(-1, self.indices, self.values)
+
+
+@dataclass
+class TrainStepOutput:
+    """What :meth:`SAE.training_loss` returns to the trainer.
+
+    ``loss = mse_loss + sparsity_coefficient * sparsity_loss + aux_k_coefficient * aux_loss``;
+    only ``loss`` carries gradients, the parts are detached scalars for logging.
+
+    Fields:
+        loss: scalar to call ``backward()`` on.
+        mse_loss: ``||x - x̂||²`` summed over d_in, averaged over the batch.
+        sparsity_loss: unweighted sparsity penalty (0 for ``topk``).
+        aux_loss: unweighted auxiliary loss (AuxK for ``topk``; 0 for ``standard``).
+        feature_acts: ``[batch, d_sae]`` dense latents, or :class:`SparseLatents` for ``topk``;
+            pass the whole output to :meth:`SAE.firing_counts` rather than reading it.
+        sae_out: ``[batch, d_in]`` reconstruction (detached).
+    """
+
+    loss: Tensor
+    mse_loss: Tensor
+    sparsity_loss: Tensor
+    aux_loss: Tensor
+    feature_acts: Tensor | SparseLatents
+    sae_out: Tensor
+
+
+class SAE(nn.Module):
+    """Base class: parameters, encode/decode/forward, save/load, and the training interface.
+
+    Construct through a subclass (``StandardSAE(cfg)``, ``TopKSAE(cfg)``) or load with
+    :meth:`SAE.load`, which picks the subclass from ``cfg.json``.
+    """
+
+    architecture: ClassVar[str] = ""
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__()
+        if cfg.architecture != self.architecture:
+            raise ConfigError(
+                f"{type(self).__name__} needs architecture={self.architecture!r}, got "
+                f"{cfg.architecture!r}; use get_architecture({cfg.architecture!r}) instead."
+            )
+        self.cfg = cfg
+        kw = {"dtype": cfg.torch_dtype, "device": torch.device(cfg.device)}
+        self.W_enc = nn.Parameter(torch.empty(cfg.d_in, cfg.d_sae, **kw))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **kw))
+        self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, cfg.d_in, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **kw))
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------------------- inference
+    def reset_parameters(self) -> None:
+        """Initialise the parameters (architecture-specific)."""
+        raise NotImplementedError
+
+    def sae_in(self, x: Tensor) -> Tensor:
+        """``x: [..., d_in]`` cast to the parameter dtype, minus ``b_dec`` if configured."""
+        x = x.to(self.W_enc.dtype)
+        return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+
+    def hidden_pre(self, x: Tensor) -> Tensor:
+        """Encoder pre-activations ``(x - b_dec) W_enc + b_enc``: ``[..., d_in] → [..., d_sae]``."""
+        return self.sae_in(x) @ self.W_enc + self.b_enc
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Latents ``f: [..., d_in] → [..., d_sae]`` (dense), any number of leading dims."""
+        raise NotImplementedError
+
+    def decode(self, feature_acts: Tensor) -> Tensor:
+        """Reconstruction ``x̂ = f W_dec + b_dec``: ``[..., d_sae] → [..., d_in]``."""
+        return feature_acts.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``decode(encode(x))``: ``[..., d_in] → [..., d_in]`` in the parameter dtype."""
+        return self.decode(self.encode(x))
+
+    def _check_d_in(self, x: Tensor) -> None:
+        if x.shape[-1] != self.cfg.d_in:
+            raise ValueError(
+                f"input's last dimension is {x.shape[-1]} but this SAE has d_in={self.cfg.d_in}; "
+                f"feed activations of hook {self.cfg.hook_name or '(unknown)'}."
+            )
+
+    # ------------------------------------------------------------------------------ training
+    def training_loss(
+        self, x: Tensor, *, sparsity_coefficient: float, dead_mask: Tensor | None
+    ) -> TrainStepOutput:
+        """Loss of one batch ``x: [batch, d_in]`` (see :class:`TrainStepOutput`).
+
+        Args:
+            sparsity_coefficient: λ of the sparsity penalty (ignored by ``topk``).
+            dead_mask: ``[d_sae]`` bool, True for latents the trainer counts as dead (used by
+                AuxK; ignored by ``standard``). None means no latent is dead.
+        """
+        raise NotImplementedError
+
+    @staticmethod
+    def firing_counts(out: TrainStepOutput) -> Tensor:
+        """``[d_sae]`` int64: how many tokens of the batch activated each latent (f > 0)."""
+        acts = out.feature_acts
+        if isinstance(acts, SparseLatents):
+            active = acts.indices[acts.values > 0]
+            return torch.bincount(active.flatten(), minlength=acts.d_sae)
+        return (acts > 0).reshape(-1, acts.shape[-1]).sum(0)
+
+    @torch.no_grad()
+    def initialize_from_activations(self, x_sample: Tensor) -> None:
+        """Data-dependent init from a sample ``[n, d_in]`` (architecture-specific ``b_dec``)."""
+        raise NotImplementedError
+
+    def before_optimizer_step(self) -> None:
+        """Hook run after ``backward()`` and before ``optimizer.step()`` (default: nothing)."""
+
+    def after_optimizer_step(self) -> None:
+        """Hook run after ``optimizer.step()`` (default: nothing)."""
+
+    @torch.no_grad()
+    def fold_activation_scale(self, scale: float) -> None:
+        """Make an SAE trained on ``scale · x`` take raw ``x``.
+
+        Derivation (``c = b_dec`` if ``apply_b_dec_to_input`` else 0, σ the activation):
+        the trained SAE computes ``f = σ((s x - c) W_enc + b_enc) = σ((x - c/s)(s W_enc) + b_enc)``,
+        so ``W_enc ← s W_enc`` and ``b_dec ← b_dec / s`` give the same latents on raw x
+        (``b_enc`` is unchanged). Its reconstruction of ``s x`` is ``f W_dec + b_dec``; dividing by
+        s reconstructs raw x: ``x̂ = f (W_dec / s) + b_dec / s``, so ``W_dec ← W_dec / s``.
+        SAELens's ``fold_activation_norm_scaling_factor`` applies the same three updates.
+
+        Afterwards ``cfg.normalize_activations`` is ``"none"``. For unit-norm-decoder
+        architectures the decoder rows now have norm ``1/s``: fold only after training.
+
+        Raises:
+            ConfigError: ``scale`` is not a finite positive number.
+        """
+        scale = float(scale)
+        if not (scale > 0 and torch.isfinite(torch.tensor(scale))):
+            raise ConfigError(f"activation scale must be finite and > 0, got {scale}.")
+        self.W_enc.mul_(scale)
+        self.W_dec.div_(scale)
+        self.b_dec.div_(scale)
+        self.cfg.normalize_activations = "none"
+
+    # ------------------------------------------------------------------------------------ io
+    def save(self, path: str | Path, sparsity: Tensor | None = None) -> Path:
+        """Write the SAE as a SAELens folder (see :mod:`pipeline.sae.io`); returns the folder.
+
+        Args:
+            sparsity: optional ``[d_sae]`` log10 feature density, the tensor SAELens stores in
+                ``sparsity.safetensors`` (see :func:`pipeline.sae.io.log_feature_density`).
+        """
+        from pipeline.sae.io import save_sae
+
+        return save_sae(self, path, sparsity=sparsity)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> SAE:
+        """Load a SAELens-format folder; returns the subclass named by ``cfg.json``.
+
+        Raises:
+            SAEFormatError: missing files, malformed cfg.json, or tensors that disagree with it;
+                also when called on a subclass whose architecture differs from the folder's.
+        """
+        from pipeline.errors import SAEFormatError
+        from pipeline.sae.io import load_sae
+
+        sae = load_sae(path, device=device)
+        if not isinstance(sae, cls):
+            raise SAEFormatError(
+                f"{path} holds a {sae.cfg.architecture!r} SAE, not {cls.architecture!r}; "
+                "load it with SAE.load(path)."
+            )
+        return sae

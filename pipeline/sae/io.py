@@ -1,0 +1,298 @@
+"""Save and load SAE folders in the layout SAELens 6.x writes, so either tool reads the other's.
+
+A folder holds:
+
+- ``cfg.json`` — SAELens's flat config: ``d_in``, ``d_sae``, ``dtype``, ``device``,
+  ``apply_b_dec_to_input``, ``normalize_activations``, ``reshape_activations``, ``architecture``,
+  for ``topk`` also ``k`` and ``rescale_acts_by_decoder_norm``, and a ``metadata`` dict
+  (``sae_lens_version``, ``hook_name``, ``model_name``, ... plus our own ``sae_pipeline`` entry
+  with the training fields SAELens has no key for).
+- ``sae_weights.safetensors`` — exactly ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``,
+  ``W_dec [d_sae, d_in]``, ``b_dec [d_in]`` in ``cfg.json``'s dtype.
+- ``sparsity.safetensors`` (optional) — one tensor ``sparsity [d_sae]``: log10 feature density,
+  as SAELens's trainer writes it (:func:`log_feature_density`).
+
+Only JSON and safetensors are ever read (never pickle), and every mismatch between the files
+raises :class:`~pipeline.errors.SAEFormatError` naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from pipeline import __version__
+from pipeline.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME
+from pipeline.errors import ConfigError, SAEFormatError
+from pipeline.sae.base import SAE, DTYPES, SAEConfig
+from pipeline.sae.registry import ARCHITECTURES
+
+# The SAELens release whose folder layout we write; SAELens reads folders without a version (or
+# older than 6.0) through a legacy converter, so we state the layout we follow.
+SAELENS_FORMAT_VERSION = "6.54.12"
+PIPELINE_METADATA_KEY = "sae_pipeline"
+PARAMETER_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+_LAYOUT_METADATA_KEYS = ("sae_lens_version", "sae_lens_training_version", "hook_name", "model_name")
+
+
+def log_feature_density(firing_fraction: Tensor, eps: float = 1e-10) -> Tensor:
+    """``log10(p + eps)`` of per-latent firing fractions ``p: [d_sae]`` in [0, 1] → float32 [d_sae].
+
+    The quantity SAELens stores as ``sparsity`` (``_log_feature_sparsity`` in its trainer);
+    ``eps`` keeps never-firing latents finite (-10).
+    """
+    return torch.log10(firing_fraction.detach().double() + eps).float().cpu()
+
+
+def _atomic_write(target: Path, write) -> None:
+    """Write through a temporary sibling then rename, so a crash never leaves half a file."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    write(tmp)
+    os.replace(tmp, target)
+
+
+def sae_cfg_dict(cfg: SAEConfig) -> dict[str, Any]:
+    """``cfg`` as the ``cfg.json`` dict SAELens writes for this architecture."""
+    metadata: dict[str, Any] = {
+        "sae_lens_version": SAELENS_FORMAT_VERSION,
+        "sae_lens_training_version": SAELENS_FORMAT_VERSION,
+        "hook_name": cfg.hook_name,
+        "model_name": cfg.model_name,
+        **cfg.metadata,
+    }
+    ours: dict[str, Any] = {"version": __version__}
+    if cfg.architecture == "topk":
+        ours.update(k_aux=cfg.k_aux, aux_k_coefficient=cfg.aux_k_coefficient)
+    metadata[PIPELINE_METADATA_KEY] = ours
+    out: dict[str, Any] = {
+        "d_in": cfg.d_in,
+        "d_sae": cfg.d_sae,
+        "dtype": cfg.dtype,
+        "device": cfg.device,
+        "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
+        "normalize_activations": cfg.normalize_activations,
+        "reshape_activations": "none",
+        "metadata": metadata,
+    }
+    if cfg.architecture == "topk":
+        # We keep decoder rows at unit norm instead of rescaling latents by them.
+        out.update(k=cfg.k, rescale_acts_by_decoder_norm=False)
+    out["architecture"] = cfg.architecture
+    return out
+
+
+def save_sae(sae: SAE, path: str | Path, sparsity: Tensor | None = None) -> Path:
+    """Write ``sae`` to folder ``path`` (created if needed) in SAELens layout; returns the folder.
+
+    Args:
+        sparsity: optional ``[d_sae]`` log10 feature density (:func:`log_feature_density`).
+
+    Raises:
+        SAEFormatError: ``sparsity`` is not a ``[d_sae]`` tensor.
+    """
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {name: getattr(sae, name).detach().cpu().contiguous() for name in PARAMETER_NAMES}
+    if sparsity is not None and tuple(sparsity.shape) != (sae.cfg.d_sae,):
+        raise SAEFormatError(
+            f"sparsity must have shape [d_sae]=[{sae.cfg.d_sae}], got {list(sparsity.shape)}; "
+            "pass one log10 density per latent."
+        )
+    cfg = sae_cfg_dict(sae.cfg)
+    cfg["dtype"] = _dtype_name(state["W_enc"].dtype)
+    _atomic_write(folder / SAE_WEIGHTS_FILENAME, lambda p: save_file(state, p))
+    _atomic_write(folder / SAE_CFG_FILENAME, lambda p: p.write_text(json.dumps(cfg, indent=2)))
+    if sparsity is not None:
+        tensor = sparsity.detach().float().cpu().contiguous()
+        _atomic_write(folder / SPARSITY_FILENAME, lambda p: save_file({"sparsity": tensor}, p))
+    return folder
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
+def _require_file(folder: Path, name: str) -> Path:
+    target = folder / name
+    if not target.is_file():
+        raise SAEFormatError(
+            f"{target} is missing; an SAE folder needs {SAE_CFG_FILENAME} and "
+            f"{SAE_WEIGHTS_FILENAME} (save it with SAE.save or SAELens's save_model)."
+        )
+    return target
+
+
+def read_cfg(path: str | Path) -> SAEConfig:
+    """Parse ``cfg.json`` of an SAE folder; see :func:`_parse_cfg` (raises SAEFormatError)."""
+    return _parse_cfg(path)[0]
+
+
+def _parse_cfg(path: str | Path) -> tuple[SAEConfig, bool]:
+    """Parse ``cfg.json`` of an SAE folder (ours or SAELens's) into an :class:`SAEConfig`.
+
+    Keys SAELens adds for training (``l1_coefficient``, ``decoder_init_norm``, ...) are ignored.
+    Configs from before SAELens 6 (``hook_point``, top-level ``hook_name``/``model_name``, no
+    ``architecture``, ``activation_fn_kwargs.k``) are mapped as SAELens maps them.
+
+    Returns:
+        the config and SAELens's ``rescale_acts_by_decoder_norm`` flag (topk; else False).
+
+    Raises:
+        SAEFormatError: the file is missing, not JSON, lacks a field, or uses an unsupported
+            option (``reshape_activations != 'none'``, runtime ``normalize_activations``).
+    """
+    cfg_path = _require_file(Path(path), SAE_CFG_FILENAME)
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SAEFormatError(f"{cfg_path} is not valid JSON ({err}); rewrite it or re-save the SAE.") from None
+    if not isinstance(raw, dict):
+        raise SAEFormatError(f"{cfg_path} must hold a JSON object, got {type(raw).__name__}.")
+
+    metadata = raw.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise SAEFormatError(f"{cfg_path}: 'metadata' must be an object, got {type(metadata).__name__}.")
+    architecture = raw.get("architecture")
+    k = raw.get("k")
+    kwargs_k = (raw.get("activation_fn_kwargs") or {}).get("k")
+    if architecture is None:  # pre-6.0 SAELens: a topk activation or the standard SAE
+        architecture = "topk" if raw.get("activation_fn") == "topk" and kwargs_k else "standard"
+    if architecture == "topk" and k is None:
+        k = kwargs_k
+    if architecture not in ARCHITECTURES:
+        raise SAEFormatError(
+            f"{cfg_path}: architecture {architecture!r} is not supported; "
+            f"supported: {', '.join(ARCHITECTURES)}."
+        )
+    for name in ("d_in", "d_sae"):
+        if not isinstance(raw.get(name), int) or isinstance(raw.get(name), bool):
+            raise SAEFormatError(f"{cfg_path}: {name!r} must be an integer, got {raw.get(name)!r}.")
+    if raw.get("reshape_activations", "none") != "none":
+        raise SAEFormatError(
+            f"{cfg_path}: reshape_activations={raw['reshape_activations']!r} (hook_z SAEs) is not "
+            "supported; load this SAE with SAELens."
+        )
+    if raw.get("normalize_activations") in (False, None):
+        raw["normalize_activations"] = "none"
+    if raw.get("normalize_activations") is True:
+        raw["normalize_activations"] = "expected_average_only_in"
+
+    ours = metadata.get(PIPELINE_METADATA_KEY) or {}
+    extra = {key: value for key, value in metadata.items()
+             if key not in _LAYOUT_METADATA_KEYS and key != PIPELINE_METADATA_KEY}
+    fields: dict[str, Any] = dict(
+        architecture=architecture,
+        d_in=raw["d_in"],
+        d_sae=raw["d_sae"],
+        k=k if architecture == "topk" else None,
+        hook_name=metadata.get("hook_name") or raw.get("hook_name") or raw.get("hook_point") or "",
+        model_name=metadata.get("model_name") or raw.get("model_name") or "",
+        dtype=raw.get("dtype", "float32"),
+        device=raw.get("device", "cpu"),
+        apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
+        normalize_activations=raw.get("normalize_activations", "none"),
+        metadata=extra,
+    )
+    for key in ("k_aux", "aux_k_coefficient"):
+        if architecture == "topk" and ours.get(key) is not None:
+            fields[key] = ours[key]
+    try:
+        cfg = SAEConfig(**fields)
+    except ConfigError as err:
+        raise SAEFormatError(f"{cfg_path}: {err}") from None
+    if architecture == "topk" and (not isinstance(cfg.k, int) or not 0 < cfg.k <= cfg.d_sae):
+        raise SAEFormatError(f"{cfg_path}: topk needs an integer 'k' in [1, d_sae], got {cfg.k!r}.")
+    return cfg, bool(raw.get("rescale_acts_by_decoder_norm", False))
+
+
+def _read_weights(weights_path: Path, cfg: SAEConfig) -> dict[str, Tensor]:
+    expected = {
+        "W_enc": (cfg.d_in, cfg.d_sae),
+        "b_enc": (cfg.d_sae,),
+        "W_dec": (cfg.d_sae, cfg.d_in),
+        "b_dec": (cfg.d_in,),
+    }
+    try:
+        handle = safe_open(str(weights_path), framework="pt", device="cpu")
+    except Exception as err:  # safetensors raises its own error types for damaged headers
+        raise SAEFormatError(f"{weights_path} is not a readable safetensors file ({err}); re-save the SAE.") from None
+    with handle as f:
+        names = set(f.keys())
+        missing = sorted(set(expected) - names)
+        unexpected = sorted(names - set(expected))
+        if missing or unexpected:
+            raise SAEFormatError(
+                f"{weights_path} has tensors {sorted(names)}; expected exactly {sorted(expected)} "
+                f"(missing {missing}, unexpected {unexpected}). Re-save the SAE."
+            )
+        state = {}
+        for name, shape in expected.items():
+            tensor = f.get_tensor(name)
+            if tuple(tensor.shape) != shape:
+                raise SAEFormatError(
+                    f"{weights_path}: {name} has shape {list(tensor.shape)} but cfg.json "
+                    f"(d_in={cfg.d_in}, d_sae={cfg.d_sae}) requires {list(shape)}; the weights and "
+                    "cfg.json belong to different SAEs."
+                )
+            if tensor.dtype != cfg.torch_dtype:
+                raise SAEFormatError(
+                    f"{weights_path}: {name} is {tensor.dtype} but cfg.json says dtype="
+                    f"{cfg.dtype!r}; fix the dtype field or re-save the SAE."
+                )
+            state[name] = tensor
+    return state
+
+
+def load_sae(path: str | Path, device: str = "cpu") -> SAE:
+    """Load an SAE folder written by us or by SAELens (architectures in ``ARCHITECTURES``).
+
+    A SAELens TopK SAE saved with ``rescale_acts_by_decoder_norm=True`` selects on
+    ``h_i ||W_dec,i||`` and decodes ``f_i / ||W_dec,i||``; scaling ``W_enc[:, i]`` and ``b_enc[i]``
+    by ``n_i = ||W_dec,i||`` and dividing ``W_dec,i`` by it gives the same latents and output with
+    plain encode/decode, so the loader folds those norms in.
+
+    Returns:
+        the registered subclass, parameters on ``device`` in cfg.json's dtype.
+
+    Raises:
+        SAEFormatError: missing/unreadable files, or tensors that disagree with cfg.json.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise SAEFormatError(f"SAE folder {folder} does not exist; check the path.")
+    cfg, rescale = _parse_cfg(folder)
+    state = _read_weights(_require_file(folder, SAE_WEIGHTS_FILENAME), cfg)
+    cfg.device = device
+    sae = ARCHITECTURES[cfg.architecture](cfg)
+    with torch.no_grad():
+        for name, tensor in state.items():
+            getattr(sae, name).copy_(tensor)
+        if rescale:
+            norms = sae.W_dec.norm(dim=1)
+            sae.W_enc.mul_(norms)
+            sae.b_enc.mul_(norms)
+            sae.W_dec.div_(norms[:, None])
+    return sae
+
+
+def load_sparsity(path: str | Path) -> Tensor | None:
+    """The ``[d_sae]`` log10 feature density in ``sparsity.safetensors``, or None if absent.
+
+    Raises:
+        SAEFormatError: the file exists but holds no ``sparsity`` tensor.
+    """
+    target = Path(path) / SPARSITY_FILENAME
+    if not target.is_file():
+        return None
+    with safe_open(str(target), framework="pt", device="cpu") as f:
+        if "sparsity" not in f.keys():
+            raise SAEFormatError(f"{target} has no 'sparsity' tensor; delete it or re-save the SAE.")
+        return f.get_tensor("sparsity")
+

@@ -1,0 +1,28 @@
+"""Architecture name → SAE class. Adding an architecture adds one module and one line here."""
+
+from __future__ import annotations
+
+from pipeline.errors import ConfigError
+from pipeline.sae.base import SAE, closest_name_hint
+from pipeline.sae.standard import StandardSAE
+from pipeline.sae.topk import TopKSAE
+
+ARCHITECTURES: dict[str, type[SAE]] = {
+    "standard": StandardSAE,
+    "topk": TopKSAE,
+}
+
+
+def get_architecture(name: str) -> type[SAE]:
+    """The SAE class registered as ``name``.
+
+    Raises:
+        ConfigError: ``name`` is not registered (the message lists the known names).
+    """
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown SAE architecture {name!r}{closest_name_hint(str(name), tuple(ARCHITECTURES))}; "
+            f"known: {', '.join(ARCHITECTURES)}."
+        ) from None

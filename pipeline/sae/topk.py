@@ -1,0 +1,299 @@
+"""The ``topk`` SAE: keep the k largest pre-activations per token (Gao et al. 2024).
+
+Recipe (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", arXiv:2406.04093;
+section numbers refer to that paper):
+
+- encode (§2.3, eq. 3):  ``f = ReLU(TopK((x - b_dec) W_enc + b_enc))`` — the k largest
+  pre-activations survive, then ReLU zeroes any negative survivor (the order SAELens and the
+  paper's reference code use).
+- decode:  ``x̂ = f W_dec + b_dec``; ``W_dec`` rows are kept at unit norm (§2.1, appendix A.4):
+  the gradient component parallel to each row is removed before the optimiser step, and rows are
+  renormalised after it.
+- loss:  ``L = ||x - x̂||²₂ + α · L_aux`` (squared error summed over d_in and averaged over the
+  batch, the same normalisation as ``standard``, so losses compare across architectures).
+- AuxK (appendix A.2):  ``e = x - x̂`` (detached), ``ê = f_aux W_dec`` where ``f_aux`` keeps the
+  ``k_aux`` largest pre-activations among *dead* latents (ReLU applied, as in the paper's
+  reference code; no ``b_dec``, which is already in ``x̂``), ``L_aux = ||e - ê||²₂``;
+  ``k_aux = d_in // 2`` by default, capped by the number of dead latents; ``α = 1/32``;
+  ``L_aux = 0`` when no latent is dead.
+- init (§2.1, appendix A.1):  ``W_dec`` rows random unit vectors, ``W_enc = W_decᵀ``,
+  ``b_enc = 0``, ``b_dec`` = geometric median of a data sample (:func:`geometric_median`).
+
+Training path: the encoder matmul is dense (``[batch, d_in] @ [d_in, d_sae]``), but after TopK
+only ``k`` latents per token carry gradient, so :class:`_SparseEncoderGrad` computes the encoder
+backward from the selected entries and the decoder runs through ``embedding_bag`` over the k
+selected rows of ``W_dec``. :func:`topk_training_forward_dense` is the plain reference; tests
+check the two agree in outputs and gradients. Set ``TopKSAE.use_sparse_kernels = False`` to train
+on the reference path.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.errors import ConfigError
+from pipeline.sae.base import SAE, SAEConfig, SparseLatents, TrainStepOutput
+
+
+def geometric_median(points: Tensor, n_iter: int = 100, eps: float = 1e-8) -> Tensor:
+    """Geometric median ``argmin_y Σ_i ||x_i - y||₂`` of ``points: [n, d]`` → ``[d]``.
+
+    Weiszfeld's algorithm (Weiszfeld 1937): ``y ← Σ w_i x_i / Σ w_i`` with
+    ``w_i = 1 / max(||x_i - y||, eps)``, started from the mean, in float64. Gao et al. 2024
+    (appendix A.1) initialise ``b_dec`` this way, following Bricken et al. 2023.
+    """
+    x = points.double()
+    y = x.mean(0)
+    for _ in range(n_iter):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(eps)
+        y_new = (w[:, None] * x).sum(0) / w.sum()
+        if (y_new - y).norm() <= 1e-7 * y.norm().clamp_min(1.0):
+            y = y_new
+            break
+        y = y_new
+    return y.to(points.dtype)
+
+
+@dataclass
+class TopKForward:
+    """Intermediate results of one TopK training forward pass.
+
+    Fields:
+        values: ``[batch, k]`` selected latents after ReLU.
+        indices: ``[batch, k]`` int64 selected latent ids.
+        sae_out: ``[batch, d_in]`` reconstruction.
+        aux_recon: ``[batch, d_in]`` AuxK reconstruction ``ê`` (no ``b_dec``), or None when no
+            latent is dead.
+    """
+
+    values: Tensor
+    indices: Tensor
+    sae_out: Tensor
+    aux_recon: Tensor | None
+
+
+class _SparseEncoderGrad(torch.autograd.Function):
+    """Attach selected pre-activations ``h[b, idx[b, j]]`` to the encoder's parameters.
+
+    ``h = (x - c) W_enc + b_enc`` with ``c = b_dec`` (or 0 when ``apply_b_dec_to_input`` is off).
+    Forward returns ``selected: [batch, m]``, already computed without autograd from the dense
+    matmul. Backward receives ``g: [batch, m]``; since only those entries of ``h`` are used it
+    computes exactly what the dense graph would, in O(batch·m·d_in) instead of
+    O(batch·d_sae·d_in):
+
+    - ``∂/∂W_enc[:, j] = Σ_{(b,·): idx=j} g · sae_in[b]`` — a CSR ``[d_sae, batch]`` matrix
+      (entries sorted by latent id) times ``sae_in``;
+    - ``∂/∂b_enc[j] = Σ_{idx=j} g`` (bincount);
+    - ``∂/∂b_dec = -W_enc · (∂/∂b_enc)`` when ``b_dec`` is subtracted from the input (chain rule
+      through ``sae_in = x - b_dec``), which avoids forming ``∂/∂sae_in: [batch, d_in]``.
+    """
+
+    @staticmethod
+    def forward(ctx, sae_in, W_enc, b_enc, b_dec, indices, selected, subtract_b_dec):  # type: ignore[override]
+        ctx.save_for_backward(sae_in, W_enc, indices)
+        ctx.subtract_b_dec = subtract_b_dec
+        return selected.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        sae_in, W_enc, indices = ctx.saved_tensors
+        batch, m = indices.shape
+        d_sae = W_enc.shape[1]
+        flat_idx = indices.reshape(-1)
+        flat_grad = grad.reshape(-1)
+        grad_W_enc = grad_b_enc = grad_b_dec = None
+        if ctx.needs_input_grad[1]:
+            order = flat_idx.argsort()
+            tokens = torch.div(order, m, rounding_mode="floor")
+            crow = torch.zeros(d_sae + 1, dtype=torch.int64, device=grad.device)
+            crow[1:] = torch.bincount(flat_idx, minlength=d_sae).cumsum(0)
+            # CPU sparse-CSR matmul (MKL) has no half-precision kernel: accumulate in float32.
+            acc = grad.dtype if grad.dtype in (torch.float32, torch.float64) else torch.float32
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+                grad_t = torch.sparse_csr_tensor(
+                    crow, tokens, flat_grad[order].to(acc), (d_sae, batch), dtype=acc
+                )
+                grad_W_enc = (grad_t @ sae_in.to(acc)).t().to(grad.dtype)
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            per_latent = torch.zeros(d_sae, dtype=grad.dtype, device=grad.device)
+            per_latent.index_add_(0, flat_idx, flat_grad)
+            grad_b_enc = per_latent if ctx.needs_input_grad[2] else None
+            if ctx.needs_input_grad[3] and ctx.subtract_b_dec:
+                grad_b_dec = -(W_enc @ per_latent)
+        return None, grad_W_enc, grad_b_enc, grad_b_dec, None, None, None
+
+
+def _encode_selected(sae: TopKSAE, sae_in: Tensor, indices: Tensor, selected: Tensor) -> Tensor:
+    """``selected`` with the sparse encoder backward attached (see :class:`_SparseEncoderGrad`)."""
+    return _SparseEncoderGrad.apply(
+        sae_in, sae.W_enc, sae.b_enc, sae.b_dec, indices, selected, sae.cfg.apply_b_dec_to_input
+    )
+
+
+def _dead_topk(pre: Tensor, dead_ids: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
+    """Top ``k_aux`` of ``pre: [batch, d_sae]`` among latents ``dead_ids: [n_dead]``.
+
+    Returns ``(values, positions)``, both ``[batch, k_aux]``; ``positions`` index ``dead_ids``.
+    Selecting the dead columns first keeps the sort over ``n_dead`` columns, not ``d_sae``.
+    """
+    top = pre.index_select(-1, dead_ids).topk(k_aux, dim=-1, sorted=False)
+    return top.values, top.indices
+
+
+# AuxK runs densely on the [batch, n_dead] block of dead latents while it is at most this many
+# times wider than the k_aux selected entries: a contiguous matmul beats the gather/scatter of
+# the sparse kernels by about that factor per multiply-add on CPU.
+AUX_DENSE_MAX_RATIO = 8
+
+
+def _aux_k(sae: TopKSAE, n_dead: int) -> int:
+    """``k_aux`` (``cfg.k_aux`` or ``d_in // 2``) capped by the number of dead latents."""
+    k_aux = sae.cfg.k_aux if sae.cfg.k_aux is not None else sae.cfg.d_in // 2
+    return min(k_aux, n_dead)
+
+
+def topk_training_forward_sparse(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None) -> TopKForward:
+    """Training forward on ``x: [batch, d_in]`` through the k selected latents only (fast path)."""
+    with torch.no_grad():
+        sae_in = sae.sae_in(x)
+        pre = torch.addmm(sae.b_enc, sae_in, sae.W_enc)
+        top = pre.topk(sae.cfg.k, dim=-1, sorted=False)
+    selected = _encode_selected(sae, sae_in, top.indices, top.values)
+    values = torch.relu(selected)
+    sae_out = F.embedding_bag(top.indices, sae.W_dec, per_sample_weights=values, mode="sum") + sae.b_dec
+    aux_recon = None
+    n_dead = 0 if dead_mask is None else int(dead_mask.sum())
+    if n_dead > 0:
+        k_aux = _aux_k(sae, n_dead)
+        dead_ids = dead_mask.nonzero().squeeze(1)
+        if n_dead <= AUX_DENSE_MAX_RATIO * k_aux:
+            # Few dead latents: plain autograd on the narrow [batch, n_dead] block.
+            pre_dead = torch.addmm(
+                sae.b_enc.index_select(0, dead_ids), sae.sae_in(x), sae.W_enc.index_select(1, dead_ids)
+            )
+            if k_aux == n_dead:  # every dead latent is selected; skip the sort
+                block = torch.relu(pre_dead)
+            else:
+                aux_top = pre_dead.topk(k_aux, dim=-1, sorted=False)
+                block = torch.zeros_like(pre_dead).scatter(-1, aux_top.indices, torch.relu(aux_top.values))
+            aux_recon = block @ sae.W_dec.index_select(0, dead_ids)
+        else:
+            with torch.no_grad():
+                aux_values, positions = _dead_topk(pre, dead_ids, k_aux)
+            aux_ids = dead_ids[positions]
+            aux_acts = torch.relu(_encode_selected(sae, sae_in, aux_ids, aux_values))
+            aux_recon = F.embedding_bag(aux_ids, sae.W_dec, per_sample_weights=aux_acts, mode="sum")
+    return TopKForward(values, top.indices, sae_out, aux_recon)
+
+
+def topk_training_forward_dense(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None) -> TopKForward:
+    """Reference training forward: dense ``[batch, d_sae]`` latents and plain matmuls."""
+    pre = sae.hidden_pre(x)
+    top = pre.topk(sae.cfg.k, dim=-1, sorted=False)
+    values = torch.relu(top.values)
+    dense = torch.zeros_like(pre).scatter(-1, top.indices, values)
+    sae_out = dense @ sae.W_dec + sae.b_dec
+    aux_recon = None
+    n_dead = 0 if dead_mask is None else int(dead_mask.sum())
+    if n_dead > 0:
+        masked = pre.masked_fill(~dead_mask, float("-inf"))
+        aux_top = masked.topk(_aux_k(sae, n_dead), dim=-1, sorted=False)
+        aux_dense = torch.zeros_like(pre).scatter(-1, aux_top.indices, torch.relu(aux_top.values))
+        aux_recon = aux_dense @ sae.W_dec
+    return TopKForward(values, top.indices, sae_out, aux_recon)
+
+
+class TopKSAE(SAE):
+    """TopK SAE; ``cfg.k`` latents are active per token. Parameters as in :class:`SAE`."""
+
+    architecture = "topk"
+    use_sparse_kernels: bool = True
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        if cfg.k is None or isinstance(cfg.k, bool) or not 0 < cfg.k <= cfg.d_sae:
+            raise ConfigError(
+                f"architecture 'topk' needs an integer k in [1, d_sae={cfg.d_sae}], got k={cfg.k!r}."
+            )
+        if cfg.k_aux is not None and cfg.k_aux <= 0:
+            raise ConfigError(f"k_aux must be positive (or None for d_in // 2), got {cfg.k_aux}.")
+        super().__init__(cfg)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        w_dec = torch.randn(self.cfg.d_sae, self.cfg.d_in, dtype=torch.float32)
+        w_dec /= w_dec.norm(dim=1, keepdim=True)
+        self.W_dec.copy_(w_dec)
+        self.W_enc.copy_(w_dec.T)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    def encode(self, x: Tensor) -> Tensor:
+        """``f = ReLU(TopK(hidden_pre(x)))``: ``[..., d_in] → [..., d_sae]`` dense, parameter dtype."""
+        self._check_d_in(x)
+        pre = self.hidden_pre(x)
+        top = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+
+    def training_loss(
+        self, x: Tensor, *, sparsity_coefficient: float = 0.0, dead_mask: Tensor | None = None
+    ) -> TrainStepOutput:
+        """Loss of ``x: [batch, d_in]``: ``mse_loss + aux_k_coefficient · aux_loss``.
+
+        ``feature_acts`` is a :class:`SparseLatents` (``[batch, k]`` values and indices).
+        ``sparsity_coefficient`` is ignored (TopK fixes L0 = k); ``sparsity_loss`` is 0.
+        ``dead_mask: [d_sae]`` bool selects the AuxK candidates.
+        """
+        self._check_d_in(x)
+        if x.dim() != 2:
+            raise ValueError(f"training_loss takes x: [batch, d_in], got shape {tuple(x.shape)}.")
+        x = x.to(self.W_enc.dtype)
+        if dead_mask is not None:
+            dead_mask = dead_mask.to(device=x.device, dtype=torch.bool)
+        run = topk_training_forward_sparse if self.use_sparse_kernels else topk_training_forward_dense
+        fwd = run(self, x, dead_mask)
+        mse_loss = (fwd.sae_out - x).pow(2).sum(-1).mean()
+        if fwd.aux_recon is None:
+            aux_loss = mse_loss.new_zeros(())
+        else:
+            residual = (x - fwd.sae_out).detach()
+            aux_loss = (fwd.aux_recon - residual).pow(2).sum(-1).mean()
+        loss = mse_loss + self.cfg.aux_k_coefficient * aux_loss
+        return TrainStepOutput(
+            loss=loss,
+            mse_loss=mse_loss.detach(),
+            sparsity_loss=mse_loss.new_zeros(()).detach(),
+            aux_loss=aux_loss.detach(),
+            feature_acts=SparseLatents(fwd.values.detach(), fwd.indices, self.cfg.d_sae),
+            sae_out=fwd.sae_out.detach(),
+        )
+
+    @torch.no_grad()
+    def initialize_from_activations(self, x_sample: Tensor) -> None:
+        """``b_dec ← geometric_median(x_sample)`` over ``[n, d_in]`` (Gao et al. 2024, A.1)."""
+        self._check_d_in(x_sample)
+        self.b_dec.copy_(geometric_median(x_sample).to(self.b_dec.dtype))
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """Remove from each ``W_dec`` row's gradient its component along the row.
+
+        ``g_i ← g_i - (g_i·w_i / w_i·w_i) w_i`` (Bricken et al. 2023; Gao et al. 2024 A.4), so the
+        step moves rows tangentially to the unit sphere and the renormalisation after it is small.
+        """
+        grad = self.W_dec.grad
+        if grad is None:
+            return
+        w = self.W_dec
+        coef = (grad * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True).clamp_min(1e-30)
+        grad.sub_(coef * w)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Renormalise every ``W_dec`` row to unit L2 norm."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))

@@ -1,0 +1,291 @@
+"""The trainer: one SAE fed from a plain stream of activation batches, plus ``train(cfg)`` which
+wires a cache, the loader and the trainer together.
+
+The recipe, top to bottom (per step ``t`` of ``T = ceil(training_tokens / train_batch_size_tokens)``):
+
+1. ``x`` ← next loader batch ``[batch, d_in]``, multiplied by the normalisation scale
+   ``s = sqrt(d_in) / E||x||`` (``normalize_activations: expected_average_only_in``, as in SAELens;
+   ``E||x||`` is the cache's recorded mean norm over non-special tokens), so every hook and model
+   trains at the same loss scale. The scale is folded into the saved weights.
+2. loss ← ``sae.training_loss(x, sparsity_coefficient=λ_t, dead_mask)``: MSE plus the architecture's
+   sparsity term (standard: L1 weighted by decoder norms, λ warmed up linearly over
+   ``l1_warm_up_steps``) or auxiliary term (TopK: AuxK on the latents dead for
+   ``dead_feature_window`` steps).
+3. Adam step with learning rate ``lr`` warmed up linearly over ``lr_warm_up_steps`` and decayed
+   linearly to 0 over the last ``lr_decay_steps`` (or cosine-annealed to lr/10 for
+   ``lr_scheduler_name: cosineannealing``); the SAE's own hooks keep W_dec rows unit norm where the
+   architecture asks for it.
+4. Every ``log_every`` steps a JSON line of losses, L0, explained variance, dead fraction, lr and
+   tokens/s goes to ``metrics.jsonl``; a NaN/Inf loss stops training with the step and statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.cache import ActivationCache
+from pipeline.config import TrainConfig
+from pipeline.constants import METRICS_LOG_FILENAME, SAE_CFG_FILENAME, TRAIN_CONFIG_FILENAME
+from pipeline.errors import ConfigError, TrainingError
+from pipeline.loader import ActivationLoader
+from pipeline.sae import SAE, SAEConfig, get_architecture
+from pipeline.sae.topk import geometric_median
+
+
+def lr_multiplier(step: int, total_steps: int, warm_up_steps: int, decay_steps: int, scheduler: str) -> float:
+    """Learning-rate factor at ``step`` (0-based): linear warm-up, then constant or cosine, then decay.
+
+    * warm-up: ``(step + 1) / warm_up_steps`` for the first ``warm_up_steps`` steps;
+    * ``constant``: 1, then linear decay to 0 over the last ``decay_steps`` steps
+      (the April 2024 Anthropic update decays over the last 20%);
+    * ``cosineannealing``: ``0.1 + 0.9 · (1 + cos(π·p)) / 2`` with ``p`` the post-warm-up progress
+      (ends at lr/10, SAELens's default ``lr_end``).
+    """
+    if warm_up_steps and step < warm_up_steps:
+        return (step + 1) / warm_up_steps
+    if scheduler == "cosineannealing":
+        p = (step - warm_up_steps) / max(1, total_steps - warm_up_steps)
+        return 0.1 + 0.9 * (1 + math.cos(math.pi * min(1.0, p))) / 2
+    remaining = total_steps - step
+    if decay_steps and remaining <= decay_steps:
+        return remaining / decay_steps
+    return 1.0
+
+
+def activation_scale(mean_norm: float, d_in: int, method: str) -> float:
+    """Scale ``s`` with ``E||s·x|| = sqrt(d_in)`` (SAELens ``expected_average_only_in``), or 1."""
+    if method == "none":
+        return 1.0
+    if not mean_norm > 0:
+        raise TrainingError(f"the cache's mean activation norm is {mean_norm}; cannot normalise activations.")
+    return math.sqrt(d_in) / mean_norm
+
+
+@dataclass
+class TrainerState:
+    """What the trainer tracks between steps (per SAE)."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    steps_since_fired: torch.Tensor | None = None  # [d_sae] int64
+    window_fire_counts: torch.Tensor | None = None  # [d_sae] float64, over feature_sampling_window
+    window_tokens: int = 0
+    feature_density: torch.Tensor | None = None  # [d_sae], fraction of tokens each latent fired on
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """Trains one SAE from an iterable of ``[batch, d_in]`` float32 batches (already scaled).
+
+    The trainer knows nothing of where batches come from; it owns the optimiser, the schedules,
+    dead-latent tracking and logging.
+    """
+
+    def __init__(self, sae: SAE, cfg: TrainConfig, log: Callable[[dict[str, Any]], None] | None = None):
+        self.sae = sae
+        self.cfg = cfg
+        self.log = log or (lambda record: None)
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+        d_sae = sae.cfg.d_sae
+        self.state = TrainerState(
+            steps_since_fired=torch.zeros(d_sae, dtype=torch.int64),
+            window_fire_counts=torch.zeros(d_sae, dtype=torch.float64),
+        )
+
+    def sparsity_coefficient(self, step: int) -> float:
+        """λ_t = l1_coefficient · min(1, (t+1) / l1_warm_up_steps) (SAELens's L1 warm-up)."""
+        warm = self.cfg.l1_warm_up_steps
+        return self.cfg.l1_coefficient * (min(1.0, (step + 1) / warm) if warm else 1.0)
+
+    def dead_mask(self) -> torch.Tensor:
+        """Latents that have not fired for ``dead_feature_window`` steps: ``[d_sae]`` bool."""
+        return self.state.steps_since_fired >= self.cfg.dead_feature_window
+
+    def step(self, x: torch.Tensor) -> dict[str, float]:
+        """One optimisation step on ``x`` ``[batch, d_in]``; returns the step's scalar metrics."""
+        cfg, st = self.cfg, self.state
+        mult = lr_multiplier(st.step, cfg.total_steps, cfg.lr_warm_up_steps, cfg.lr_decay_steps,
+                             cfg.lr_scheduler_name)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr * mult
+        out = self.sae.training_loss(x, sparsity_coefficient=self.sparsity_coefficient(st.step),
+                                     dead_mask=self.dead_mask())
+        if not torch.isfinite(out.loss):
+            raise TrainingError(
+                f"loss became {out.loss.item()} at step {st.step} (mse {float(out.mse_loss):.4g}, "
+                f"sparsity {float(out.sparsity_loss):.4g}, max |x| {x.abs().max().item():.4g}); "
+                "lower lr or check the cache with `sae-pipeline cache info`."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.sae.before_optimizer_step()
+        self.optimizer.step()
+        self.sae.after_optimizer_step()
+        counts = self.sae.firing_counts(out).to(torch.float64)
+        self._track_firing(counts, x.shape[0])
+        st.step += 1
+        st.tokens_seen += x.shape[0]
+        return {
+            "loss": out.loss.item(),
+            "mse_loss": float(out.mse_loss),
+            "sparsity_loss": float(out.sparsity_loss),
+            "aux_loss": float(out.aux_loss),
+            "l0": counts.sum().item() / x.shape[0],
+            "explained_variance": _batch_explained_variance(x, out.sae_out.detach()),
+            "lr": cfg.lr * mult,
+        }
+
+    def _track_firing(self, counts: torch.Tensor, n_tokens: int) -> None:
+        st = self.state
+        fired = counts > 0
+        st.steps_since_fired += 1
+        st.steps_since_fired[fired] = 0
+        st.window_fire_counts += counts
+        st.window_tokens += n_tokens
+        if st.step % self.cfg.feature_sampling_window == self.cfg.feature_sampling_window - 1:
+            self._close_window()
+
+    def _close_window(self) -> None:
+        st = self.state
+        if st.window_tokens:
+            st.feature_density = (st.window_fire_counts / st.window_tokens).float()
+        st.window_fire_counts.zero_()
+        st.window_tokens = 0
+
+    def fit(self, batches: Iterable[torch.Tensor], *, progress: bool = True) -> TrainerState:
+        """Run ``cfg.total_steps`` steps (fewer if ``batches`` runs out)."""
+        cfg, st = self.cfg, self.state
+        bar = tqdm(total=cfg.total_steps * cfg.train_batch_size_tokens, unit="tok", unit_scale=True,
+                   desc=f"train {cfg.architecture}", disable=not progress, dynamic_ncols=True)
+        t0, tokens0 = time.perf_counter(), 0
+        for x in batches:
+            if st.step >= cfg.total_steps:
+                break
+            metrics = self.step(x)
+            bar.update(x.shape[0])
+            if st.step % cfg.log_every == 0 or st.step == cfg.total_steps:
+                elapsed = time.perf_counter() - t0
+                record = {"step": st.step, "tokens": st.tokens_seen, **metrics,
+                          "dead_fraction": self.dead_mask().float().mean().item(),
+                          "tokens_per_second": (st.tokens_seen - tokens0) / elapsed if elapsed else 0.0}
+                st.history.append(record)
+                self.log(record)
+                bar.set_postfix(mse=f"{metrics['mse_loss']:.3g}", l0=f"{metrics['l0']:.1f}",
+                                ev=f"{metrics['explained_variance']:.3f}")
+        bar.close()
+        if st.window_tokens:
+            self._close_window()
+        return st
+
+
+def _batch_explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    resid = (x - x_hat).pow(2).sum()
+    total = (x - x.mean(0)).pow(2).sum()
+    return 1.0 - (resid / total).item()
+
+
+@dataclass
+class TrainResult:
+    sae: SAE
+    output_path: Path
+    tokens_per_second: float
+    state: TrainerState
+
+
+def prepare_output(path: Path, overwrite: bool) -> None:
+    """Refuse to overwrite an existing SAE folder unless ``overwrite``; create the folder."""
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise ConfigError(
+                f"output_path {str(path)!r} is not empty (it holds {'an SAE' if (path / SAE_CFG_FILENAME).exists() else 'files'}). "
+                "Nothing was changed. Pass --overwrite to replace it, or choose another output_path."
+            )
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def sample_activations(cache: ActivationCache, hook: str, n_rows: int, seed: int, exclude=()) -> torch.Tensor:
+    """Up to ``n_rows`` rows ``[n, d_in]`` float32 from random training chunks (for b_dec init)."""
+    rng = np.random.default_rng(seed)
+    rows, total = [], 0
+    for c in rng.permutation(cache.train_chunks):
+        block = cache.read_chunk(hook, int(c)).float()
+        ids = cache.chunk_token_ids(int(c))
+        block = block[torch.from_numpy(~np.isin(ids, np.asarray(list(exclude), dtype=np.int64)))]
+        rows.append(block)
+        total += block.shape[0]
+        if total >= n_rows:
+            break
+    return torch.cat(rows)[:n_rows]
+
+
+@torch.no_grad()
+def init_b_dec(sae: SAE, sample: torch.Tensor, method: str) -> None:
+    """``b_dec`` ← geometric median (Gao et al. 2024, A.1; SAELens's default), mean, or zeros of
+    ``sample`` ``[n, d_in]`` (already scaled like the training batches)."""
+    if method == "geometric_median":
+        sae.b_dec.copy_(geometric_median(sample.to(sae.b_dec.device)))
+    elif method == "mean":
+        sae.b_dec.copy_(sample.mean(0))
+    else:
+        sae.b_dec.zero_()
+
+
+def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
+    """Stage 2 in the library: train one SAE on ``cfg.cache_path`` and save it to ``cfg.output_path``.
+
+    Writes ``cfg.json``, ``sae_weights.safetensors``, ``sparsity.safetensors`` (SAELens layout),
+    ``train_config.yaml`` and ``metrics.jsonl``.
+
+    Raises:
+        CacheError: the cache is missing, incomplete, or lacks ``cfg.hook_name``.
+        ConfigError: ``cfg.d_in`` disagrees with the cache, or the output folder is not empty.
+        TrainingError: the loss became NaN/Inf.
+    """
+    torch.manual_seed(cfg.seed)
+    cache = ActivationCache.open(cfg.cache_path)
+    hook = cache.resolve_hook(cfg.hook_name)
+    d_in = cache.d_in_of(hook)
+    if cfg.d_in is not None and cfg.d_in != d_in:
+        raise ConfigError(
+            f"d_in {cfg.d_in} in the config does not match the cache ({d_in} at {hook!r}); "
+            f"remove d_in or set it to {d_in}."
+        )
+    out = Path(cfg.output_path)
+    prepare_output(out, cfg.overwrite)
+    exclude = cache.special_token_ids if cfg.exclude_special_tokens else []
+    scale = activation_scale(cache.statistics(hook)["mean_norm"], d_in, cfg.normalize_activations)
+    sae_cfg = SAEConfig(architecture=cfg.architecture, d_in=d_in, d_sae=cfg.d_sae,
+                        k=cfg.k if cfg.architecture == "topk" else None, hook_name=hook,
+                        model_name=cache.attrs["model_name"], dtype=cfg.dtype, device=cfg.device,
+                        aux_k_coefficient=cfg.aux_loss_coefficient)
+    sae = get_architecture(cfg.architecture)(sae_cfg)
+    init_b_dec(sae, sample_activations(cache, hook, 16_384, cfg.seed, exclude) * scale, cfg.b_dec_init_method)
+    loader = ActivationLoader(cache, hook, batch_size=cfg.train_batch_size_tokens,
+                              shuffle_buffer_tokens=cfg.shuffle_buffer_tokens, seed=cfg.seed,
+                              num_workers=cfg.num_workers, prefetch_batches=cfg.prefetch_batches,
+                              exclude_token_ids=exclude, device=cfg.device)
+    cfg.save_yaml(out / TRAIN_CONFIG_FILENAME)
+    with open(out / METRICS_LOG_FILENAME, "w") as log_file:
+        def log(record):
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+        trainer = Trainer(sae, cfg, log)
+        t0 = time.perf_counter()
+        state = trainer.fit((x * scale for x in loader.batches(cfg.total_steps)), progress=progress)
+        elapsed = time.perf_counter() - t0
+    sae.fold_activation_scale(scale)
+    density = state.feature_density if state.feature_density is not None else torch.zeros(cfg.d_sae)
+    sae.save(out, sparsity=torch.log10(density.clamp_min(1e-10)))
+    return TrainResult(sae, out, state.tokens_seen / elapsed if elapsed else 0.0, state)

@@ -1,0 +1,78 @@
+"""Config loading: SAELens names, unknown-field suggestions, validation messages."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import EvalConfig, HarvestConfig, TrainConfig
+from pipeline.errors import ConfigError
+from stages.common import load_config, parse_sets
+
+
+def test_saelens_style_topk_fields_map_onto_ours():
+    cfg = TrainConfig.from_dict({"architecture": "topk", "activation_fn": "topk",
+                                 "activation_fn_kwargs": {"k": 50}, "d_sae": 2304})
+    assert (cfg.architecture, cfg.k, cfg.d_sae) == ("topk", 50, 2304)
+
+
+def test_mismatched_activation_fn_is_refused():
+    with pytest.raises(ConfigError, match="activation_fn 'relu' does not match architecture 'topk'"):
+        TrainConfig.from_dict({"architecture": "topk", "activation_fn": "relu"})
+
+
+def test_unknown_field_names_the_closest_valid_one():
+    with pytest.raises(ConfigError, match="'l1_coeficient'.*Did you mean 'l1_coefficient'"):
+        TrainConfig.from_dict({"l1_coeficient": 3})
+    with pytest.raises(ConfigError, match="Did you mean 'hook_names'"):
+        HarvestConfig.from_dict({"hook_nmes": ["a"]})
+
+
+def test_saelens_fields_without_meaning_here_warn():
+    with pytest.warns(UserWarning, match="context_size.*ignored.*cache"):
+        cfg = TrainConfig.from_dict({"context_size": 128, "d_sae": 64, "k": 8})
+    assert cfg.d_sae == 64
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"dtype": "int8"}, "dtype must be one of"),
+    ({"n_tokens": 100, "context_size": 128}, "smaller than one sequence"),
+    ({"hook_names": []}, "hook_names is empty"),
+    ({"holdout_tokens": 300_000}, "holdout_tokens"),
+    ({"hook_name": "a", "hook_names": ["b"]}, "either hook_name or hook_names"),
+])
+def test_bad_harvest_values(data, message):
+    with pytest.raises(ConfigError, match=message):
+        HarvestConfig.from_dict(data)
+
+
+def test_hook_name_and_training_tokens_saelens_aliases():
+    cfg = HarvestConfig.from_dict({"hook_name": "blocks.3.hook_resid_post", "training_tokens": 4096})
+    assert cfg.hook_names == ["blocks.3.hook_resid_post"] and cfg.n_tokens == 4096
+
+
+def test_bad_train_values():
+    with pytest.raises(ConfigError, match="k \\(10\\) must not exceed d_sae \\(8\\)"):
+        TrainConfig.from_dict({"k": 10, "d_sae": 8})
+    with pytest.raises(ConfigError, match="lr must be a positive number"):
+        TrainConfig.from_dict({"lr": -1})
+    with pytest.raises(ConfigError, match="shuffle_buffer_tokens"):
+        TrainConfig.from_dict({"shuffle_buffer_tokens": 4096})
+
+
+def test_sectioned_yaml_plus_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("harvest:\n  n_tokens: 4096\ntrain:\n  d_sae: 128\n  k: 4\n")
+    assert load_config(HarvestConfig, "harvest", str(path), {"context_size": 64}).n_tokens == 4096
+    assert load_config(TrainConfig, "train", str(path), parse_sets(("lr=3e-4",))).lr == 3e-4
+    assert load_config(EvalConfig, "evaluate", str(path), {}).n_ce_sequences == EvalConfig().n_ce_sequences
+
+
+def test_missing_and_malformed_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        TrainConfig.from_yaml(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        TrainConfig.from_yaml(bad)
+    with pytest.raises(ConfigError, match="field=value"):
+        parse_sets(("lr",))

@@ -1,0 +1,80 @@
+"""The shuffled loader: exactly-once epochs, holdout and special-token exclusion, mixing, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.loader import ActivationLoader
+from tests.conftest import write_synthetic_cache
+
+
+def _ids(batches) -> np.ndarray:
+    return np.concatenate([b[:, 0].numpy() for b in batches]).astype(np.int64)
+
+
+def test_every_training_row_is_served_exactly_once_per_epoch(id_cache):
+    # 640 rows, 10 chunks of 64, the last 2 held out: 512 training rows = 16 batches of 32 per epoch
+    loader = ActivationLoader(id_cache, batch_size=32, shuffle_buffer_tokens=128, seed=1)
+    assert loader.rows_per_epoch() == 512
+    batches = list(loader.batches(32))
+    assert all(b.shape == (32, 8) and b.dtype == torch.float32 for b in batches)
+    for epoch in (batches[:16], batches[16:]):
+        assert sorted(_ids(epoch).tolist()) == list(range(512))
+    assert not np.array_equal(_ids(batches[:16]), _ids(batches[16:]))  # a fresh order each epoch
+
+
+def test_holdout_chunks_are_never_served(id_cache):
+    assert id_cache.holdout_chunks == [8, 9]
+    ids = _ids(ActivationLoader(id_cache, batch_size=32, shuffle_buffer_tokens=64, seed=0).batches(40))
+    assert ids.max() < 512
+
+
+def test_special_token_rows_are_excluded(id_cache):
+    # token id of row r is r % 50 + 10; excluding ids 10 and 11 drops rows r % 50 in {0, 1}
+    loader = ActivationLoader(id_cache, batch_size=16, shuffle_buffer_tokens=64, seed=0, exclude_token_ids=[10, 11])
+    expected = [r for r in range(512) if r % 50 not in (0, 1)]
+    assert loader.rows_per_epoch() == len(expected)
+    ids = _ids(loader.batches(len(expected) // 16))
+    assert set(ids.tolist()) <= set(expected) and len(set(ids.tolist())) == len(ids)
+    assert len(ids) == len(expected) // 16 * 16
+
+
+def test_same_seed_same_batches_other_seed_other_batches(id_cache):
+    def first(seed):
+        return _ids(ActivationLoader(id_cache, batch_size=32, shuffle_buffer_tokens=128, seed=seed).batches(5))
+
+    assert np.array_equal(first(3), first(3))
+    assert not np.array_equal(first(3), first(4))
+
+
+def test_batches_mix_nearly_as_many_sequences_as_a_uniform_shuffle(tmp_path):
+    # 400 sequences of 32 tokens in 40 chunks; a 512-row batch of a uniform shuffle over the 12,800
+    # rows touches 400 * (1 - (1 - 1/400) ** 512) ≈ 288.6 distinct sequences on average.
+    n_seqs, ctx = 400, 32
+    n = n_seqs * ctx
+    acts = np.zeros((n, 2), dtype=np.float32)
+    acts[:, 0] = np.arange(n)
+    tokens = np.full((n_seqs, ctx), 5, dtype=np.int32)
+    cache = write_synthetic_cache(tmp_path / "mix", acts, tokens, chunk_tokens=320, chunks_per_shard=4,
+                                  n_holdout_chunks=0)
+    uniform = n_seqs * (1 - (1 - 1 / n_seqs) ** 512)
+    loader = ActivationLoader(cache, batch_size=512, shuffle_buffer_tokens=n, seed=0)
+    distinct = [len(np.unique(_ids([b]) // ctx)) for b in loader.batches(20)]
+    assert np.mean(distinct) >= 0.95 * uniform, (np.mean(distinct), uniform)
+    # a naive loader reading chunks in order would see at most 2 chunks = 20 sequences per batch
+    chunks_per_batch = [len(np.unique(_ids([b]) // 320)) for b in loader.batches(5)]
+    assert min(chunks_per_batch) >= 30
+
+
+def test_consumer_can_stop_early_without_hanging(id_cache):
+    loader = ActivationLoader(id_cache, batch_size=16, shuffle_buffer_tokens=64, seed=0, prefetch_batches=1)
+    it = loader.batches()
+    next(it)
+    it.close()  # must return promptly: the producer thread is told to stop
+
+
+def test_loader_needs_chunks(id_cache):
+    with pytest.raises(ValueError, match="no chunks"):
+        ActivationLoader(id_cache, chunk_ids=[])
