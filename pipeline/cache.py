@@ -293,7 +293,7 @@ class CacheWriter:
                 False — nothing is touched; or ``path`` holds a finished identical harvest.
         """
         path = Path(path)
-        identity = {**metadata, "d_in": d_in, "dtype": dtype, "chunk_tokens": chunk_tokens,
+        identity = {**metadata, "hook_names": list(d_in), "d_in": d_in, "dtype": dtype, "chunk_tokens": chunk_tokens,
                     "chunks_per_shard": chunks_per_shard, "n_seqs": int(tokens.shape[0]),
                     "context_size": int(tokens.shape[1]), "n_holdout_chunks": n_holdout_chunks,
                     "tokens_sha256": _sha256(tokens)}

@@ -212,7 +212,6 @@ class TrainConfig(_Config):
     b_dec_init_method: str = "geometric_median"
     dead_feature_window: int = 250
     feature_sampling_window: int = 100
-    dead_feature_threshold: float = 1e-8
     exclude_special_tokens: bool = True
     shuffle_buffer_tokens: int = 262_144
     num_workers: int = 2
@@ -234,6 +233,7 @@ class TrainConfig(_Config):
             "dataset_path": cache,
             "model_name": cache,
             "n_batches_in_buffer": "the loader's shuffle_buffer_tokens sets the mixing buffer",
+            "dead_feature_threshold": "a latent is dead after dead_feature_window steps without firing",
             "log_to_wandb": "wandb logging is not wired yet; metrics go to metrics.jsonl",
             "wandb_project": "wandb logging is not wired yet; metrics go to metrics.jsonl",
         }

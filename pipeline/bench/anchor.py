@@ -31,6 +31,39 @@ SAELENS_REFERENCE = {
 }
 
 
+def batch_mixing(cache, batch_size: int, shuffle_buffer_tokens: int, n_batches: int = 20) -> dict:
+    """Distinct sequences per batch from our loader vs a uniform shuffle of the same training rows.
+
+    Runs the loader over a float32 cache of the same geometry (rows, context size, chunks,
+    holdout) whose rows hold their own row index, so each batch's sequences can be counted.
+    The uniform expectation for ``B`` draws over ``S`` sequences is ``S · (1 - (1 - 1/S)^B)``.
+    """
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from pipeline.cache import CacheWriter, to_storage
+    from pipeline.loader import ActivationLoader
+
+    lay = cache.layout
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = CacheWriter.create_or_resume(
+            tmp, metadata={"model_name": "ids"}, d_in={"ids": 1},
+            tokens=np.zeros((lay.n_seqs, lay.context_size), np.int32), dtype="float32",
+            chunk_tokens=lay.chunk_tokens, chunks_per_shard=lay.chunks_per_shard,
+            n_holdout_chunks=len(cache.holdout_chunks))
+        for i in range(lay.n_chunks):
+            start, stop = lay.chunk_rows(i)
+            writer.write_chunk(i, {"ids": to_storage(torch.arange(start, stop, dtype=torch.float32)[:, None], "float32", "ids")})
+        ids = writer.finalize({"ids": {"mean": [0.0], "mean_norm": 1.0}})
+        loader = ActivationLoader(ids, "ids", batch_size=batch_size, shuffle_buffer_tokens=shuffle_buffer_tokens)
+        distinct = [len(np.unique(b[:, 0].long().numpy() // lay.context_size)) for b in loader.batches(n_batches)]
+    n_train_seqs = len(ids.train_chunks) * lay.chunk_tokens // lay.context_size
+    uniform = n_train_seqs * (1 - (1 - 1 / n_train_seqs) ** batch_size)
+    return {"distinct_sequences_per_batch": float(np.mean(distinct)), "uniform_shuffle_expectation": uniform}
+
+
 def _section(path: str, name: str) -> dict:
     import yaml
 
@@ -55,6 +88,7 @@ def main(config_path: str, out: str | None) -> None:
         **{k: m[k] for k in ("explained_variance", "l0", "ce_loss_recovered", "dead_fraction",
                              "ce_loss_clean", "ce_loss_with_sae", "ce_loss_zero_ablation") if k in m},
         "wall_seconds": time.perf_counter() - t0,
+        **batch_mixing(h.cache, t_cfg.train_batch_size_tokens, t_cfg.shuffle_buffer_tokens),
     }
     click.echo(f"{'figure':<28}{'sae-pipeline':>14}{'SAELens (ANCHORS.md)':>24}")
     for key, value in ours.items():

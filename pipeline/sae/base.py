@@ -210,6 +210,17 @@ class SAE(nn.Module):
         """Initialise the parameters (architecture-specific)."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def init_tied_weights(self, decoder_row_norm: float) -> None:
+        """``W_dec`` rows: random directions of L2 norm ``decoder_row_norm``; ``W_enc = W_dec^T``;
+        biases zero (the tied init of Gao et al. 2024 and Anthropic's April 2024 update)."""
+        w_dec = torch.randn(self.cfg.d_sae, self.cfg.d_in, dtype=torch.float32)
+        w_dec *= decoder_row_norm / w_dec.norm(dim=1, keepdim=True)
+        self.W_dec.copy_(w_dec)
+        self.W_enc.copy_(w_dec.T)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
     def sae_in(self, x: Tensor) -> Tensor:
         """``x: [..., d_in]`` cast to the parameter dtype, minus ``b_dec`` if configured."""
         x = x.to(self.W_enc.dtype)

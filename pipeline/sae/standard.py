@@ -36,14 +36,8 @@ class StandardSAE(SAE):
             )
         super().__init__(cfg)
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        w_dec = torch.randn(self.cfg.d_sae, self.cfg.d_in, dtype=torch.float32)
-        w_dec *= DECODER_INIT_NORM / w_dec.norm(dim=1, keepdim=True)
-        self.W_dec.copy_(w_dec)
-        self.W_enc.copy_(w_dec.T)
-        self.b_enc.zero_()
-        self.b_dec.zero_()
+        self.init_tied_weights(DECODER_INIT_NORM)
 
     def encode(self, x: Tensor) -> Tensor:
         """``f = ReLU((x - b_dec) W_enc + b_enc)``: ``[..., d_in] → [..., d_sae]``, parameter dtype."""

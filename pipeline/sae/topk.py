@@ -224,14 +224,8 @@ class TopKSAE(SAE):
             raise ConfigError(f"k_aux must be positive (or None for d_in // 2), got {cfg.k_aux}.")
         super().__init__(cfg)
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        w_dec = torch.randn(self.cfg.d_sae, self.cfg.d_in, dtype=torch.float32)
-        w_dec /= w_dec.norm(dim=1, keepdim=True)
-        self.W_dec.copy_(w_dec)
-        self.W_enc.copy_(w_dec.T)
-        self.b_enc.zero_()
-        self.b_dec.zero_()
+        self.init_tied_weights(1.0)  # unit-norm decoder rows, kept unit norm during training
 
     def encode(self, x: Tensor) -> Tensor:
         """``f = ReLU(TopK(hidden_pre(x)))``: ``[..., d_in] → [..., d_sae]`` dense, parameter dtype."""
