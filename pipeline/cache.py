@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -289,8 +290,9 @@ class CacheWriter:
         hooks, dataset fingerprint, ...); a resume is refused unless it matches exactly.
 
         Raises:
-            CacheError: ``path`` holds a different harvest (or anything else) and ``overwrite`` is
-                False — nothing is touched; or ``path`` holds a finished identical harvest.
+            CacheError: ``path`` is a file or a folder of something else than a cache (never
+                deleted, even with ``overwrite``), or holds a different harvest and ``overwrite``
+                is False; nothing is touched.
         """
         path = Path(path)
         identity = {**metadata, "hook_names": list(d_in), "d_in": d_in, "dtype": dtype, "chunk_tokens": chunk_tokens,
@@ -298,18 +300,19 @@ class CacheWriter:
                     "context_size": int(tokens.shape[1]), "n_holdout_chunks": n_holdout_chunks,
                     "tokens_sha256": _sha256(tokens)}
         identity = json.loads(json.dumps(identity))  # normalise tuples etc. as JSON stores them
-        if path.exists() and any(path.iterdir()) and not overwrite:
+        check_output_folder(path, overwrite)
+        if is_cache_folder(path) and not overwrite:
             existing = _read_attributes(path)
             diff = sorted(k for k in identity if existing.get(k) != identity[k])
             if diff:
                 raise CacheError(
-                    f"{str(path)!r} already holds a different harvest (differs in: {', '.join(diff) or 'layout'}). "
+                    f"{str(path)!r} already holds a different harvest (differs in: {', '.join(diff)}). "
                     "Nothing was changed. Pass --overwrite to replace it, or choose another output_path."
                 )
-            group = zarr.open_group(str(path), mode="r+")
-            writer = cls(path, group)
             _remove_partial_files(path)
-            return writer
+            return cls(path, zarr.open_group(str(path), mode="r+"))
+        if path.exists():
+            shutil.rmtree(path)
         group = zarr.open_group(str(path), mode="w")
         layout = CacheLayout(int(tokens.shape[0]), int(tokens.shape[1]), chunk_tokens, chunks_per_shard)
         for hook, width in d_in.items():
@@ -364,6 +367,28 @@ class CacheWriter:
         self.group.attrs.update({"statistics": statistics, **(extra or {})})
         self.group.attrs[COMPLETE_ATTR] = True
         return ActivationCache.open(self.path)
+
+
+def is_cache_folder(path: Path) -> bool:
+    """Whether ``path`` holds a sae-pipeline activation cache (complete or not)."""
+    return _read_attributes(path).get("format") == "sae-pipeline-activations"
+
+
+def check_output_folder(path: Path, overwrite: bool) -> None:
+    """Refuse an output path that is a file, or a non-empty folder that is not a cache.
+
+    ``--overwrite`` only ever replaces a cache: a folder of anything else is never deleted.
+
+    Raises:
+        CacheError: naming what is there and the fix.
+    """
+    if path.exists() and not path.is_dir():
+        raise CacheError(f"output_path {str(path)!r} is a file; choose a folder path for the cache.")
+    if path.is_dir() and any(path.iterdir()) and not is_cache_folder(path):
+        raise CacheError(
+            f"output_path {str(path)!r} holds files that are not an activation cache; nothing was changed "
+            f"{'(--overwrite only replaces caches)' if overwrite else ''}. Choose an empty or new folder."
+        )
 
 
 def _sha256(array: np.ndarray) -> str:

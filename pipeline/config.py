@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 import yaml
 
 from pipeline.errors import ConfigError
@@ -36,6 +37,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         ConfigError: the value cannot be read as the field's number type.
     """
     types = [t for t in (typing.get_args(hint) or (hint,)) if t is not type(None)]
+    if bool in types:
+        return _coerce_bool(name, value)
     numeric = float if float in types else int if int in types else None
     if numeric is None or isinstance(value, bool) or not isinstance(value, (str, float)):
         return value
@@ -46,6 +49,46 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     if number is not None and (numeric is float or number.is_integer()):
         return numeric(number)
     raise ConfigError(f"{name} must be {'a number' if numeric is float else 'an integer'}, got {value!r}.")
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _coerce_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ConfigError(f"{name} must be true or false, got {value!r}.")
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML file.
+
+    Raises:
+        ConfigError: the file is missing, is not valid YAML, or does not hold a mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {' '.join(str(e).split())}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of field: value.")
+    return data
+
+
+def check_device(device: str) -> None:
+    """Raise ConfigError for a device string torch cannot use on this machine."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device {device!r} is not a torch device ({e}); use e.g. cpu or cuda.") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but this torch build sees no CUDA GPU; use --device cpu.")
 
 
 @dataclass
@@ -75,20 +118,14 @@ class _Config:
         except TypeError as e:  # pragma: no cover - dataclass signature errors
             raise ConfigError(f"{cls.__name__}: {e}") from e
         cfg.validate()
+        if hasattr(cfg, "device"):
+            check_device(cfg.device)
         return cfg
 
     @classmethod
     def from_yaml(cls: type[C], path: str | Path, overrides: dict[str, Any] | None = None) -> C:
         """Load ``path`` (a YAML mapping), apply ``overrides`` (None values are skipped), validate."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file.")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of field: value.")
+        data = read_yaml_mapping(path)
         data.update({k: v for k, v in (overrides or {}).items() if v is not None})
         return cls.from_dict(data)
 
@@ -255,6 +292,11 @@ class TrainConfig(_Config):
                     "set architecture: topk for activation_fn: topk, or architecture: standard for relu."
                 )
             data.setdefault("architecture", arch)
+        arch = data.get("architecture", "topk")
+        unused = {"standard": ("k",), "topk": ("l1_coefficient", "l1_warm_up_steps")}.get(arch, ())
+        for name in unused:
+            if name in data:
+                warnings.warn(f"config field {name!r} is ignored by architecture {arch!r}", stacklevel=3)
         return data
 
     def validate(self) -> None:

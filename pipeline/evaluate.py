@@ -34,6 +34,11 @@ def check_compatible(sae: SAE, cache: ActivationCache) -> str:
     Raises:
         CacheError: hook missing from the cache, d_in differs, or the SAE names another model.
     """
+    if sae.cfg.hook_name and sae.cfg.hook_name not in cache.hook_names:
+        raise CacheError(
+            f"the SAE reads hook {sae.cfg.hook_name!r} but the cache at {str(cache.path)!r} holds "
+            f"{cache.hook_names}; pass --cache-path of a harvest of that hook."
+        )
     hook = cache.resolve_hook(sae.cfg.hook_name or None)
     if cache.d_in_of(hook) != sae.cfg.d_in:
         raise CacheError(f"the SAE has d_in {sae.cfg.d_in} but the cache has {cache.d_in_of(hook)} at {hook!r}.")
@@ -94,6 +99,9 @@ def evaluate(cfg: EvalConfig, *, model=None) -> dict[str, Any]:
         model = model if model is not None else _load_cache_model(cache, cfg.device)
         seqs_per_chunk = cache.layout.chunk_tokens // cache.layout.context_size
         first = cache.holdout_chunks[0] * seqs_per_chunk
+        available = cache.layout.n_seqs - first
+        if cfg.n_ce_sequences > available:
+            print(f"note: n_ce_sequences {cfg.n_ce_sequences} capped at the {available} holdout sequences")
         tokens = torch.from_numpy(np.asarray(cache.tokens[first : first + cfg.n_ce_sequences]).astype(np.int64))
         metrics.update(evals.ce_loss_recovered(model, sae, tokens.to(cfg.device), hook,
                                                batch_size=cfg.batch_size_prompts))
@@ -110,6 +118,6 @@ def _load_cache_model(cache: ActivationCache, device: str):
     if models.model_fingerprint(model) != cache.attrs["weights_fingerprint"]:
         raise CacheError(
             f"the model {cache.attrs['model_source']['name']!r} loaded now has other weights than the one "
-            f"the cache at {str(cache.path)!r} was harvested from; re-harvest, or evaluate with ce_loss off."
+            f"the cache at {str(cache.path)!r} was harvested from; re-harvest, or evaluate with --no-ce-loss."
         )
     return model

@@ -7,6 +7,7 @@ harvest is deterministic and a resumed harvest continues at the exact chunk wher
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline import __version__, models, text
-from pipeline.cache import ActivationCache, CacheWriter, chunk_tokens_for, compute_statistics, to_storage
+from pipeline.cache import (ActivationCache, CacheWriter, check_output_folder, chunk_tokens_for, compute_statistics,
+                            is_cache_folder, to_storage)
 from pipeline.config import HarvestConfig
 from pipeline.errors import ConfigError, DatasetError
 
@@ -61,6 +63,12 @@ def harvest(cfg: HarvestConfig, model=None) -> HarvestResult:
         ModelError, HookNameError, DatasetError, ConfigError, CacheError: bad input, before any
             activation is written; CacheError on float16 overflow (names hook and max value).
     """
+    check_output_folder(Path(cfg.output_path), cfg.overwrite)
+    finished = _finished_identical(cfg)
+    if finished is not None:
+        print(f"{cfg.output_path!r} already holds this harvest, complete; nothing to do "
+              "(pass --overwrite to redo it).")
+        return HarvestResult(finished, 0.0, _disk_bytes(finished.path) / finished.layout.n_tokens, 0)
     source = models.resolve_model(cfg.model_name)
     model = model if model is not None else models.load_model(cfg.model_name, device=cfg.device,
                                                              dtype=_TORCH_DTYPES[cfg.model_dtype])
@@ -71,13 +79,20 @@ def harvest(cfg: HarvestConfig, model=None) -> HarvestResult:
             "lower context_size."
         )
     tokens = tokenize_dataset(cfg, model.tokenizer)
-    chunk_tokens = chunk_tokens_for(cfg.context_size, cfg.chunk_tokens)
-    n_chunks = -(-tokens.size // chunk_tokens)
     holdout = cfg.resolved_holdout_tokens
+    # a small harvest gets smaller chunks, so its holdout is a whole chunk and not the whole cache
+    chunk_tokens = chunk_tokens_for(cfg.context_size, min(cfg.chunk_tokens, holdout or cfg.chunk_tokens))
+    n_chunks = -(-tokens.size // chunk_tokens)
     n_holdout = min(n_chunks - 1, -(-holdout // chunk_tokens)) if holdout else 0
+    if holdout and n_holdout == 0:
+        raise ConfigError(
+            f"a holdout of {holdout} tokens needs at least two sequences of context_size {cfg.context_size}, "
+            f"but the dataset gave {tokens.shape[0]}; use more text, or set holdout_tokens: 0."
+        )
     d_in = {hook: models.d_in_of(model, hook) for hook in cfg.hook_names}
     special = models.special_token_ids(model.tokenizer)
     metadata = {
+        "harvest_config": _identity_config(cfg),
         "model_name": models.model_display_name(source),
         "model_source": {"kind": source.kind, "name": source.name},
         "weights_fingerprint": models.model_fingerprint(model),
@@ -114,6 +129,20 @@ def harvest(cfg: HarvestConfig, model=None) -> HarvestResult:
                          _disk_bytes(Path(cfg.output_path)) / tokens.size, n_new)
 
 
+def _identity_config(cfg: HarvestConfig) -> dict[str, Any]:
+    """The config fields that decide a harvest's content (not where or how fast it runs)."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in ("overwrite", "device", "output_path")}
+
+
+def _finished_identical(cfg: HarvestConfig) -> ActivationCache | None:
+    """The complete cache at ``cfg.output_path`` if it was made with this config, else None."""
+    if cfg.overwrite or not is_cache_folder(Path(cfg.output_path)):
+        return None
+    cache = ActivationCache.open(cfg.output_path, require_complete=False)
+    same = cache.attrs.get("harvest_config") == json.loads(json.dumps(_identity_config(cfg)))
+    return cache if cache.complete and same else None
+
+
 def _run_forward(model, tokens: np.ndarray, writer: CacheWriter, cfg: HarvestConfig, start_chunk: int) -> None:
     """Forward every sequence from ``start_chunk`` on, buffering one chunk per hook before writing."""
     layout = writer.layout
@@ -124,14 +153,15 @@ def _run_forward(model, tokens: np.ndarray, writer: CacheWriter, cfg: HarvestCon
     s = start_chunk * seqs_per_chunk
     bar = tqdm(total=tokens.size, initial=min(s * layout.context_size, tokens.size), unit="tok",
                unit_scale=True, desc="harvest", dynamic_ncols=True)
-    with torch.no_grad():
+    with bar, torch.no_grad():
         while s < tokens.shape[0]:
             # never let a forward batch straddle a chunk boundary, so each chunk flushes exactly
             e = min(s + cfg.store_batch_size_prompts, tokens.shape[0], (chunk + 1) * seqs_per_chunk)
             batch = torch.from_numpy(tokens[s:e].astype(np.int64)).to(cfg.device)
             _, act_cache = model.run_with_cache(batch, names_filter=list(cfg.hook_names), stop_at_layer=stop_at)
             for hook in cfg.hook_names:
-                acts = act_cache[hook].reshape(-1, act_cache[hook].shape[-1]).cpu()
+                act = act_cache[hook]  # [batch, pos, ...]; e.g. hook_z's heads flatten into d_in
+                acts = act.reshape(act.shape[0] * act.shape[1], -1).cpu()
                 buffers[hook].append(to_storage(acts, cfg.dtype, hook))
             bar.update((e - s) * layout.context_size)
             if e == min((chunk + 1) * seqs_per_chunk, tokens.shape[0]):
@@ -139,7 +169,6 @@ def _run_forward(model, tokens: np.ndarray, writer: CacheWriter, cfg: HarvestCon
                 buffers = {h: [] for h in cfg.hook_names}
                 chunk += 1
             s = e
-    bar.close()
 
 
 def _disk_bytes(path: Path) -> int:

@@ -80,6 +80,8 @@ def resolve_model(name: str) -> ModelSource:
     official = _official_name(name)
     if official is not None:
         return ModelSource("transformer_lens", official, name)
+    if difflib.get_close_matches(name.strip().lower(), [SMOLLM2_ALIAS], n=1, cutoff=0.8):
+        raise ModelError(f"unknown model {name!r}. Did you mean {SMOLLM2_ALIAS!r}?")
     if not _HF_NAME.match(name):
         raise ModelError(
             f"{name!r} is not an existing path, a TransformerLens model name, or a Hugging Face "

@@ -162,27 +162,30 @@ class Trainer:
         st.window_fire_counts.zero_()
         st.window_tokens = 0
 
+    def _log(self, metrics: dict[str, float], elapsed: float) -> None:
+        st = self.state
+        record = {"step": st.step, "tokens": st.tokens_seen, **metrics,
+                  "dead_fraction": self.dead_mask().float().mean().item(),
+                  "tokens_per_second": st.tokens_seen / elapsed if elapsed else 0.0}
+        st.history.append(record)
+        self.log(record)
+
     def fit(self, batches: Iterable[torch.Tensor], *, progress: bool = True) -> TrainerState:
         """Run ``cfg.total_steps`` steps (fewer if ``batches`` runs out)."""
         cfg, st = self.cfg, self.state
         bar = tqdm(total=cfg.total_steps * cfg.train_batch_size_tokens, unit="tok", unit_scale=True,
                    desc=f"train {cfg.architecture}", disable=not progress, dynamic_ncols=True)
-        t0, tokens0 = time.perf_counter(), 0
-        for x in batches:
-            if st.step >= cfg.total_steps:
-                break
-            metrics = self.step(x)
-            bar.update(x.shape[0])
-            if st.step % cfg.log_every == 0 or st.step == cfg.total_steps:
-                elapsed = time.perf_counter() - t0
-                record = {"step": st.step, "tokens": st.tokens_seen, **metrics,
-                          "dead_fraction": self.dead_mask().float().mean().item(),
-                          "tokens_per_second": (st.tokens_seen - tokens0) / elapsed if elapsed else 0.0}
-                st.history.append(record)
-                self.log(record)
-                bar.set_postfix(mse=f"{metrics['mse_loss']:.3g}", l0=f"{metrics['l0']:.1f}",
-                                ev=f"{metrics['explained_variance']:.3f}")
-        bar.close()
+        t0 = time.perf_counter()
+        with bar:
+            for x in batches:
+                if st.step >= cfg.total_steps:
+                    break
+                metrics = self.step(x)
+                bar.update(x.shape[0])
+                if st.step % cfg.log_every == 0 or st.step == cfg.total_steps:
+                    self._log(metrics, time.perf_counter() - t0)
+                    bar.set_postfix(mse=f"{metrics['mse_loss']:.3g}", l0=f"{metrics['l0']:.1f}",
+                                    ev=f"{metrics['explained_variance']:.3f}")
         if st.window_tokens:
             self._close_window()
         return st
@@ -202,13 +205,31 @@ class TrainResult:
     state: TrainerState
 
 
-def prepare_output(path: Path, overwrite: bool) -> None:
-    """Refuse to overwrite an existing SAE folder unless ``overwrite``; create the folder."""
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
+def prepare_output(path: Path, overwrite: bool, cache_path: Path) -> None:
+    """Create the SAE folder; with ``overwrite`` replace only an SAE or an unfinished training run.
+
+    Raises:
+        ConfigError: the path is a file, is or contains the cache, holds an SAE or unfinished run
+            (without ``overwrite``), or holds anything else (never deleted).
+    """
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output_path {str(path)!r} is a file; choose a folder path for the SAE.")
+    out, cache = path.resolve(), cache_path.resolve()
+    if out == cache or out in cache.parents or cache in out.parents:
+        raise ConfigError(f"output_path {str(path)!r} overlaps the cache {str(cache_path)!r}; choose another folder.")
+    if path.is_dir() and any(path.iterdir()):
+        is_sae = (path / SAE_CFG_FILENAME).exists()
+        unfinished = not is_sae and (path / TRAIN_CONFIG_FILENAME).exists()
+        if not (is_sae or unfinished):
             raise ConfigError(
-                f"output_path {str(path)!r} is not empty (it holds {'an SAE' if (path / SAE_CFG_FILENAME).exists() else 'files'}). "
-                "Nothing was changed. Pass --overwrite to replace it, or choose another output_path."
+                f"output_path {str(path)!r} holds files that are not an SAE; nothing was changed "
+                "(--overwrite only replaces SAE folders). Choose an empty or new folder."
+            )
+        if not overwrite:
+            what = "an SAE" if is_sae else "an unfinished training run (no cfg.json: it was interrupted)"
+            raise ConfigError(
+                f"output_path {str(path)!r} already holds {what}. Nothing was changed. Pass --overwrite to "
+                "replace it, or choose another output_path."
             )
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -227,6 +248,26 @@ def sample_activations(cache: ActivationCache, hook: str, n_rows: int, seed: int
         if total >= n_rows:
             break
     return torch.cat(rows)[:n_rows]
+
+
+def _sae_metadata(cache: ActivationCache) -> dict[str, Any]:
+    """What SAELens/SAEBench read from ``cfg.json`` metadata about the data the SAE saw."""
+    a = cache.attrs
+    return {"context_size": a["context_size"], "prepend_bos": a.get("prepend_bos", False),
+            "dataset_path": a.get("dataset_path", "")}
+
+
+def _budget_notes(cfg: TrainConfig, rows_per_epoch: int) -> list[str]:
+    """What the user should know about how the token budget maps onto steps and epochs."""
+    notes = []
+    steps_tokens = cfg.total_steps * cfg.train_batch_size_tokens
+    if steps_tokens != cfg.training_tokens:
+        notes.append(f"training_tokens {cfg.training_tokens:,} rounds up to {cfg.total_steps} whole batches "
+                     f"of {cfg.train_batch_size_tokens:,} = {steps_tokens:,} tokens")
+    if steps_tokens > rows_per_epoch:
+        notes.append(f"the cache holds {rows_per_epoch:,} training tokens, so training makes "
+                     f"{steps_tokens / rows_per_epoch:.1f} epochs over it (harvest more tokens to avoid repeats)")
+    return notes
 
 
 @torch.no_grad()
@@ -262,19 +303,21 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
             f"remove d_in or set it to {d_in}."
         )
     out = Path(cfg.output_path)
-    prepare_output(out, cfg.overwrite)
+    prepare_output(out, cfg.overwrite, Path(cfg.cache_path))
     exclude = cache.special_token_ids if cfg.exclude_special_tokens else []
     scale = activation_scale(cache.statistics(hook)["mean_norm"], d_in, cfg.normalize_activations)
     sae_cfg = SAEConfig(architecture=cfg.architecture, d_in=d_in, d_sae=cfg.d_sae,
                         k=cfg.k if cfg.architecture == "topk" else None, hook_name=hook,
                         model_name=cache.attrs["model_name"], dtype=cfg.dtype, device=cfg.device,
-                        aux_k_coefficient=cfg.aux_loss_coefficient)
+                        aux_k_coefficient=cfg.aux_loss_coefficient, metadata=_sae_metadata(cache))
     sae = get_architecture(cfg.architecture)(sae_cfg)
     init_b_dec(sae, sample_activations(cache, hook, 16_384, cfg.seed, exclude) * scale, cfg.b_dec_init_method)
     loader = ActivationLoader(cache, hook, batch_size=cfg.train_batch_size_tokens,
                               shuffle_buffer_tokens=cfg.shuffle_buffer_tokens, seed=cfg.seed,
                               num_workers=cfg.num_workers, prefetch_batches=cfg.prefetch_batches,
                               exclude_token_ids=exclude, device=cfg.device)
+    for note in _budget_notes(cfg, loader.rows_per_epoch()):
+        print(f"note: {note}")
     cfg.save_yaml(out / TRAIN_CONFIG_FILENAME)
     with open(out / METRICS_LOG_FILENAME, "w") as log_file:
         def log(record):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
@@ -21,11 +22,17 @@ for _cmd in (harvest.command, train.command, evaluate.command, run_all.command, 
     cli.add_command(_cmd)
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> None:
+    warnings.formatwarning = _format_warning  # config warnings are for users, not source locations
     try:
         cli.main(args=argv, standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("\ninterrupted: what was written is kept; re-run the same command to resume a harvest.",
+                   err=True)
         sys.exit(130)
     except click.ClickException as e:
         e.show()

@@ -8,7 +8,7 @@ import click
 
 from pipeline.config import HarvestConfig
 from pipeline.harvest import HarvestResult, describe, harvest
-from stages.common import config_options, load_config, parse_sets
+from stages.common import config_options, field_option, load_config, parse_sets
 
 
 def run(cfg: HarvestConfig) -> HarvestResult:
@@ -19,17 +19,27 @@ def run(cfg: HarvestConfig) -> HarvestResult:
     return result
 
 
+def _opt(name: str, help: str = "", **kwargs):
+    return field_option(HarvestConfig, name, help, **kwargs)
+
+
 @click.command("harvest")
 @config_options
-@click.option("--model-name", help="TransformerLens name, HF name/folder, .gguf file, or smollm2-135m.")
-@click.option("--hook-names", help="Comma-separated hooks, e.g. blocks.8.hook_resid_post,blocks.4.hook_resid_post.")
-@click.option("--dataset-path", help="HF dataset name, local .txt/.jsonl/.parquet file or folder, or 'shakespeare'.")
-@click.option("--n-tokens", type=int, help="Tokens to harvest.")
-@click.option("--context-size", type=int, help="Tokens per sequence.")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), help="Storage dtype.")
-@click.option("--device", help="torch device for the model, e.g. cpu or cuda.")
-@click.option("--output-path", help="Cache folder to write (resumed if it holds the same harvest).")
-@click.option("--overwrite", is_flag=True, default=None, help="Replace a different harvest at output-path.")
+@_opt("model_name", "TransformerLens name, HF name or folder, .gguf file, or smollm2-135m.")
+@_opt("hook_names", "Comma-separated hooks, e.g. blocks.8.hook_resid_post,blocks.4.hook_resid_post.")
+@_opt("dataset_path", "HF dataset name, local .txt/.jsonl/.parquet file or folder, or 'shakespeare'.")
+@_opt("text_column", "Text field of .jsonl/.parquet/HF datasets.")
+@_opt("n_tokens", "Tokens to harvest (fewer if the dataset is shorter).")
+@_opt("holdout_tokens", "Tokens kept out of training for evaluation (default: min(16384, n_tokens/10)).")
+@_opt("context_size", "Tokens per sequence.")
+@_opt("prepend_bos", "Start every sequence with BOS (true/false).")
+@_opt("dtype", "Storage dtype.", type=click.Choice(["float16", "bfloat16", "float32"]))
+@_opt("device", "torch device for the model, e.g. cpu or cuda.")
+@_opt("output_path", "Cache folder (resumed if it holds the same, unfinished harvest).")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace a different cache at output-path.")
 def command(config_path, sets, **flags):
-    """Run the model once over the dataset and store activations of every hook in a Zarr cache."""
+    """Run the model once over the dataset and store activations of every hook in a Zarr cache.
+
+    Re-running an interrupted harvest with the same arguments resumes it.
+    """
     run(load_config(HarvestConfig, "harvest", config_path, {**flags, **parse_sets(sets)}))

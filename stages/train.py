@@ -8,7 +8,7 @@ import click
 
 from pipeline.config import TrainConfig
 from pipeline.training import TrainResult, train
-from stages.common import config_options, load_config, parse_sets
+from stages.common import config_options, field_option, load_config, parse_sets
 
 
 def run(cfg: TrainConfig) -> TrainResult:
@@ -21,21 +21,29 @@ def run(cfg: TrainConfig) -> TrainResult:
     return result
 
 
+def _opt(name: str, help: str = "", **kwargs):
+    return field_option(TrainConfig, name, help, **kwargs)
+
+
 @click.command("train")
 @config_options
-@click.option("--cache-path", help="Harvest folder to train from.")
-@click.option("--hook-name", help="Cached hook to train on (default: the cache's only hook).")
-@click.option("--architecture", type=click.Choice(["standard", "topk"]))
-@click.option("--d-sae", type=int)
-@click.option("--k", type=int, help="Active latents per token (topk).")
-@click.option("--l1-coefficient", type=float, help="Sparsity penalty (standard).")
-@click.option("--lr", type=float)
-@click.option("--training-tokens", type=int)
-@click.option("--train-batch-size-tokens", type=int)
-@click.option("--device")
-@click.option("--seed", type=int)
-@click.option("--output-path", help="Folder for the SAE (cfg.json, sae_weights.safetensors, ...).")
-@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing SAE folder.")
+@_opt("cache_path", "Harvest folder to train from.")
+@_opt("hook_name", "Cached hook to train on (default: the cache's only hook).")
+@_opt("architecture", "SAE architecture.", type=click.Choice(["standard", "topk"]))
+@_opt("d_sae", "Number of latents.")
+@_opt("k", "Active latents per token (topk).")
+@_opt("l1_coefficient", "Sparsity penalty λ (standard).")
+@_opt("lr", "Adam learning rate.")
+@_opt("training_tokens", "Tokens to train on (whole batches; epochs repeat if the cache is smaller).")
+@_opt("train_batch_size_tokens", "Tokens per batch.")
+@_opt("device", "torch device, e.g. cpu or cuda.")
+@_opt("seed", "Seed for init and data order.")
+@_opt("output_path", "Folder for the SAE (cfg.json, sae_weights.safetensors, ...).")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace an SAE (or unfinished run) at output-path.")
 def command(config_path, sets, **flags):
-    """Train an SAE from a Zarr activation cache with a shuffled, prefetching loader."""
+    """Train an SAE from a Zarr activation cache with a shuffled, prefetching loader.
+
+    Every other field (l1_warm_up_steps, lr_warm_up_steps, lr_decay_steps, dead_feature_window,
+    normalize_activations, ...) is set with --set field=value or a --config file.
+    """
     run(load_config(TrainConfig, "train", config_path, {**flags, **parse_sets(sets)}))

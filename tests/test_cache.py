@@ -102,3 +102,27 @@ def test_statistics_with_dask_match_numpy_and_exclude_special_tokens(tmp_path):
     np.testing.assert_allclose(stats["mean_norm"], np.linalg.norm(acts[keep].astype(np.float64), axis=1).mean(),
                                rtol=1e-10)
     assert stats["n_rows"] == keep.sum()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_of_other_files_is_never_replaced(tmp_path, overwrite):
+    acts, tokens = _data()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    with pytest.raises(CacheError, match="not an activation cache; nothing was changed"):
+        CacheWriter.create_or_resume(tmp_path / "mine", metadata={}, d_in={HOOK: 6}, tokens=tokens, dtype="float16",
+                                     chunk_tokens=16, chunks_per_shard=2, n_holdout_chunks=1, overwrite=overwrite)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(CacheError, match="is a file"):
+        CacheWriter.create_or_resume(tmp_path / "afile", metadata={}, d_in={HOOK: 6}, tokens=tokens, dtype="float16",
+                                     chunk_tokens=16, chunks_per_shard=2, n_holdout_chunks=1, overwrite=overwrite)
+
+
+def test_overwrite_replaces_a_different_cache(tmp_path):
+    acts, tokens = _data()
+    write_synthetic_cache(tmp_path / "c", acts, tokens, chunk_tokens=16)
+    writer = CacheWriter.create_or_resume(tmp_path / "c", metadata={}, d_in={HOOK: 6}, tokens=tokens[:4],
+                                          dtype="float16", chunk_tokens=16, chunks_per_shard=2, n_holdout_chunks=1,
+                                          overwrite=True)
+    assert writer.layout.n_seqs == 4 and writer.n_chunks_written == 0

@@ -76,3 +76,24 @@ def test_missing_and_malformed_yaml(tmp_path):
         TrainConfig.from_yaml(bad)
     with pytest.raises(ConfigError, match="field=value"):
         parse_sets(("lr",))
+
+
+def test_booleans_and_devices_are_checked():
+    assert HarvestConfig.from_dict({"prepend_bos": "yes"}).prepend_bos is True
+    assert HarvestConfig.from_dict({"prepend_bos": 0}).prepend_bos is False
+    with pytest.raises(ConfigError, match="prepend_bos must be true or false, got 'maybe'"):
+        HarvestConfig.from_dict({"prepend_bos": "maybe"})
+    with pytest.raises(ConfigError, match="not a torch device"):
+        TrainConfig.from_dict({"device": "gpu0"})
+
+
+def test_misspelled_section_is_an_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("harvest:\n  n_tokens: 4096\ntrian:\n  d_sae: 10\n")
+    with pytest.raises(ConfigError, match="unknown section 'trian'. Did you mean 'train'"):
+        load_config(TrainConfig, "train", str(path), {})
+
+
+def test_fields_the_architecture_ignores_warn():
+    with pytest.warns(UserWarning, match="'k' is ignored by architecture 'standard'"):
+        TrainConfig.from_dict({"architecture": "standard", "k": 8})

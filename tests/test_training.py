@@ -85,10 +85,15 @@ def test_train_refuses_d_in_mismatch_and_non_empty_output(tmp_path):
         train(TrainConfig(cache_path=str(cache.path), d_in=32, output_path=str(tmp_path / "o")), progress=False)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("precious")
-    with pytest.raises(ConfigError, match="not empty.*--overwrite"):
-        train(TrainConfig(cache_path=str(cache.path), d_sae=32, k=4, output_path=str(tmp_path / "full")),
-              progress=False)
+    for overwrite in (False, True):  # --overwrite replaces SAEs only, never a folder of other files
+        with pytest.raises(ConfigError, match="not an SAE.*nothing was changed"):
+            train(TrainConfig(cache_path=str(cache.path), d_sae=32, k=4, output_path=str(tmp_path / "full"),
+                              overwrite=overwrite), progress=False)
     assert (tmp_path / "full" / "keep.txt").read_text() == "precious"
+    with pytest.raises(ConfigError, match="overlaps the cache"):
+        train(TrainConfig(cache_path=str(cache.path), d_sae=32, k=4, output_path=str(cache.path), overwrite=True),
+              progress=False)
+    assert cache.path.joinpath("zarr.json").exists()
 
 
 def test_nan_loss_stops_with_the_step():
