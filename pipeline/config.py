@@ -295,7 +295,7 @@ class TrainConfig(_Config):
         arch = data.get("architecture", "topk")
         unused = {"standard": ("k",), "topk": ("l1_coefficient", "l1_warm_up_steps")}.get(arch, ())
         for name in unused:
-            if name in data:
+            if name in data and data[name] != getattr(cls, name):
                 warnings.warn(f"config field {name!r} is ignored by architecture {arch!r}", stacklevel=3)
         return data
 
