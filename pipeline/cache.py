@@ -233,7 +233,7 @@ class ActivationCache:
         a = self.attrs
         return (
             f"{self.path}: {a['n_tokens']:,} tokens of {a['model_name']} at {', '.join(self.hook_names)} "
-            f"(d_in {a['d_in']}, {self.dtype}, context {a['context_size']}, "
+            f"(d_in {', '.join(str(v) for v in a['d_in'].values())}, {self.dtype}, context {a['context_size']}, "
             f"{len(self.holdout_chunks)}/{self.layout.n_chunks} chunks held out)"
         )
 
