@@ -11,7 +11,10 @@ Layout of one harvest (a Zarr v3 group, ``data/harvests/<name>/``)::
 Activation rows are in token order (row ``r`` is token ``r % context_size`` of sequence
 ``r // context_size``). Arrays are chunked along tokens (``chunk_tokens`` rows, a whole number of
 sequences) and grouped into shards (``chunks_per_shard`` chunks per file) by zarr's sharding codec;
-each chunk is compressed with Blosc-Zstd and bit-shuffle. Zarr's local store writes every file to a
+each chunk is compressed with Blosc-Zstd and byte-shuffle. Measured on SmolLM2 residual
+activations in float16 (4,096 × 576 chunk): byte-shuffle + zstd-3 stores 1/1.074 of the raw bytes
+and decodes at ~610 MB/s per thread; bit-shuffle (zstd-3 or lz4) does not compress them at all
+(ratio 1.000: float16 mantissas are noise); zstd-9 + bit-shuffle reaches 1.034 at 5 MB/s encode. Zarr's local store writes every file to a
 temporary name and renames it, so a chunk write is atomic; the group's ``n_chunks_written``
 attribute is advanced only after a chunk is on disk for every hook, so a killed harvest leaves a
 group that says exactly how far it got and never one marked ``complete`` that is missing data.
@@ -322,7 +325,7 @@ class CacheWriter:
                 chunks=(chunk_tokens, width),
                 shards=(chunk_tokens * chunks_per_shard, width),
                 dtype=_NUMPY_STORAGE[dtype],
-                compressors=BloscCodec(cname="zstd", clevel=compression_level, shuffle="bitshuffle"),
+                compressors=BloscCodec(cname="zstd", clevel=compression_level, shuffle="shuffle"),
                 fill_value=0,
             )
         seqs_per_chunk = chunk_tokens // tokens.shape[1]

@@ -17,15 +17,16 @@ from tqdm.auto import tqdm
 
 from pipeline import evals, models
 from pipeline.cache import ActivationCache
-from pipeline.config import EvalConfig, TrainConfig
+from pipeline.config import EvalConfig, read_yaml_mapping
 from pipeline.constants import METRICS_FILENAME, TRAIN_CONFIG_FILENAME
 from pipeline.errors import CacheError
 from pipeline.sae import SAE
 
 
-def _train_config(sae_path: Path) -> TrainConfig | None:
+def _train_config(sae_path: Path) -> dict[str, Any]:
+    """The saved training config as plain data (not re-validated: it may name another device)."""
     path = sae_path / TRAIN_CONFIG_FILENAME
-    return TrainConfig.from_yaml(path) if path.is_file() else None
+    return read_yaml_mapping(path) if path.is_file() else {}
 
 
 def check_compatible(sae: SAE, cache: ActivationCache) -> str:
@@ -85,14 +86,14 @@ def evaluate(cfg: EvalConfig, *, model=None) -> dict[str, Any]:
     sae_path = Path(cfg.sae_path)
     sae = SAE.load(sae_path, device=cfg.device)
     train_cfg = _train_config(sae_path)
-    cache_path = cfg.cache_path or (train_cfg.cache_path if train_cfg else None)
+    cache_path = cfg.cache_path or train_cfg.get("cache_path")
     if cache_path is None:
         raise CacheError(f"no cache known for {str(sae_path)!r}: pass --cache-path.")
     cache = ActivationCache.open(cache_path)
     if not cache.holdout_chunks:
         raise CacheError(f"the cache at {cache_path!r} has no holdout slice; re-harvest with holdout_tokens > 0.")
     hook = check_compatible(sae, cache)
-    exclude = cache.special_token_ids if (train_cfg is None or train_cfg.exclude_special_tokens) else []
+    exclude = cache.special_token_ids if train_cfg.get("exclude_special_tokens", True) else []
     metrics: dict[str, Any] = reconstruction_metrics(sae, cache, hook, exclude_token_ids=exclude,
                                                      n_tokens=cfg.n_eval_tokens)
     if cfg.ce_loss:
