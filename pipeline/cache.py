@@ -22,19 +22,25 @@ group that says exactly how far it got and never one marked ``complete`` that is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import socket
+import time
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import zarr
+from tqdm.auto import tqdm
 from zarr.codecs import BloscCodec
 
-from pipeline.constants import COMPLETE_ATTR, TOKENS_ARRAY
+from pipeline.constants import CHECKSUMS_GROUP, COMPLETE_ATTR, LOCK_SUFFIX, TOKENS_ARRAY
 from pipeline.errors import CacheError
 
 FORMAT_VERSION = 1
@@ -213,10 +219,25 @@ class ActivationCache:
         """Token ids ``[n_seqs, context_size]`` int32."""
         return self.group[TOKENS_ARRAY]
 
-    def read_chunk(self, hook_name: str, i: int) -> torch.Tensor:
-        """Activations of chunk ``i``: ``[rows, d_in]`` in the stored dtype (CPU tensor)."""
+    def read_chunk(self, hook_name: str, i: int, *, verify: bool = False) -> torch.Tensor:
+        """Activations of chunk ``i``: ``[rows, d_in]`` in the stored dtype (CPU tensor).
+
+        With ``verify`` the chunk's CRC-32 is checked against the one recorded when it was written.
+
+        Raises:
+            CacheError: the chunk cannot be decoded, or (``verify``) its checksum differs.
+        """
         start, stop = self.layout.chunk_rows(i)
-        return from_storage(self.array(hook_name)[start:stop], self.dtype)
+        try:
+            block = self.array(hook_name)[start:stop]
+        except Exception as e:  # codec and shard-index errors come in many types
+            raise damaged_error(self, hook_name, [i], f"it cannot be decoded ({type(e).__name__})") from e
+        if verify and chunk_checksum(block) != self.recorded_checksum(hook_name, i):
+            raise damaged_error(self, hook_name, [i], "its checksum differs from the one written")
+        return from_storage(block, self.dtype)
+
+    def recorded_checksum(self, hook_name: str, i: int) -> int:
+        return int(self.group[f"{CHECKSUMS_GROUP}/{array_key(self.resolve_hook(hook_name))}"][i])
 
     def read_rows(self, hook_name: str, start: int, stop: int) -> torch.Tensor:
         """Activations of rows ``[start, stop)``: ``[stop - start, d_in]`` in the stored dtype."""
@@ -239,6 +260,45 @@ class ActivationCache:
             f"(d_in {', '.join(str(v) for v in a['d_in'].values())}, {self.dtype}, context {a['context_size']}, "
             f"{len(self.holdout_chunks)}/{self.layout.n_chunks} chunks held out)"
         )
+
+
+def chunk_checksum(block: np.ndarray) -> int:
+    """CRC-32 of a chunk's stored (uncompressed) bytes."""
+    return zlib.crc32(np.ascontiguousarray(block).view(np.uint8).reshape(-1))
+
+
+def damaged_error(cache: ActivationCache, hook: str, chunks: list[int], why: str) -> CacheError:
+    return CacheError(
+        f"the cache at {str(cache.path)!r} is damaged: chunk(s) {chunks} of {hook!r} ({why}). "
+        "Nothing was trained on them. Re-harvest into a new folder (or with --overwrite); "
+        "`sae-pipeline cache verify` lists every damaged chunk."
+    )
+
+
+def verify(cache: ActivationCache, *, progress: bool = True) -> dict[str, list[int]]:
+    """Check every written chunk of every hook against its recorded CRC-32, and the token ids.
+
+    Returns ``{hook_name: [damaged chunk ids]}`` (``"tokens": [0]`` if the token ids changed);
+    an empty dict means the cache is intact.
+    """
+    damaged: dict[str, list[int]] = {}
+    n = cache.n_chunks_written
+    bar = tqdm(total=n * len(cache.hook_names), desc="verify", unit="chunk", disable=not progress)
+    with bar:
+        for hook in cache.hook_names:
+            for i in range(n):
+                try:
+                    cache.read_chunk(hook, i, verify=True)
+                except CacheError:
+                    damaged.setdefault(hook, []).append(i)
+                bar.update()
+    try:
+        tokens_ok = _sha256(np.asarray(cache.tokens[:])) == cache.attrs.get("tokens_sha256")
+    except Exception:  # undecodable token chunks
+        tokens_ok = False
+    if not tokens_ok:
+        damaged["tokens"] = [0]
+    return damaged
 
 
 def compute_statistics(cache: ActivationCache, hook_name: str, *, exclude_token_ids=()) -> dict[str, Any]:
@@ -328,6 +388,8 @@ class CacheWriter:
                 compressors=BloscCodec(cname="zstd", clevel=compression_level, shuffle="shuffle"),
                 fill_value=0,
             )
+            group.create_array(f"{CHECKSUMS_GROUP}/{array_key(hook)}", shape=(layout.n_chunks,), dtype="uint32",
+                               chunks=(min(layout.n_chunks, 4096),), fill_value=0, compressors=None)
         seqs_per_chunk = chunk_tokens // tokens.shape[1]
         tok = group.create_array(TOKENS_ARRAY, shape=tokens.shape, dtype="int32",
                                  chunks=(seqs_per_chunk, tokens.shape[1]),
@@ -359,6 +421,7 @@ class CacheWriter:
             if block.shape[0] != stop - start:
                 raise CacheError(f"chunk {i} of {hook!r} has {block.shape[0]} rows, expected {stop - start}.")
             self.group[array_key(hook)][start:stop] = block
+            self.group[f"{CHECKSUMS_GROUP}/{array_key(hook)}"][i] = chunk_checksum(block)
         self.group.attrs["n_chunks_written"] = i + 1
 
     def finalize(self, statistics: dict[str, Any], extra: dict[str, Any] | None = None) -> ActivationCache:
@@ -392,6 +455,64 @@ def check_output_folder(path: Path, overwrite: bool) -> None:
             f"output_path {str(path)!r} holds files that are not an activation cache; nothing was changed "
             f"{'(--overwrite only replaces caches)' if overwrite else ''}. Choose an empty or new folder."
         )
+
+
+@contextlib.contextmanager
+def writer_lock(path: str | Path, *, break_lock: bool = False) -> Iterator[None]:
+    """Hold the exclusive writer lock of the cache at ``path`` (a ``<path>.lock`` file beside it).
+
+    The lock records host, pid and start time. A lock left by a process of this host that no
+    longer runs (a killed harvest) is stale and is removed with a note; a live holder, or a holder
+    on another host (which cannot be checked), is refused unless ``break_lock``.
+
+    Raises:
+        CacheError: another writer holds the lock; the message names it and the fix.
+    """
+    lock = Path(str(Path(path)) + LOCK_SUFFIX)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            holder = _read_lock(lock)
+            if not (break_lock or _is_stale(holder)):
+                raise CacheError(
+                    f"{str(path)!r} is being written by pid {holder.get('pid')} on {holder.get('host')} "
+                    f"(since {holder.get('started')}). Wait for it to finish; if that process is gone, "
+                    "re-run with --break-lock."
+                ) from None
+            print(f"note: removing the lock of pid {holder.get('pid')} on {holder.get('host')}, "
+                  f"{'as asked' if break_lock else 'which no longer runs'}")
+            lock.unlink(missing_ok=True)
+    with os.fdopen(fd, "w") as f:
+        json.dump(me, f)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _read_lock(lock: Path) -> dict[str, Any]:
+    try:
+        return json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return {}  # half-written by a writer killed while locking: treated as stale below
+
+
+def _is_stale(holder: dict[str, Any]) -> bool:
+    if not holder:
+        return True
+    if holder.get("host") != socket.gethostname():
+        return False  # cannot tell whether a process on another machine still runs
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, KeyError, ValueError):
+        return False
+    return False
 
 
 def _sha256(array: np.ndarray) -> str:

@@ -182,6 +182,7 @@ class HarvestConfig(_Config):
     compression_level: int = 3
     output_path: str = "data/harvests/default"
     overwrite: bool = False
+    break_lock: bool = False
 
     @classmethod
     def _translate(cls, data: dict[str, Any]) -> dict[str, Any]:

@@ -13,5 +13,6 @@ CHECKPOINTS_DIRNAME = "checkpoints"
 
 # Activation caches (Zarr v3 groups).
 TOKENS_ARRAY = "tokens"
+CHECKSUMS_GROUP = "checksums"  # checksums/<hook>: [n_chunks] uint32 CRC-32 of each chunk as written
 COMPLETE_ATTR = "complete"
-LOCK_FILENAME = ".harvest.lock"
+LOCK_SUFFIX = ".lock"  # <cache folder>.lock beside the cache: its writer's host and pid

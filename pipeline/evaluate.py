@@ -59,7 +59,7 @@ def reconstruction_metrics(sae: SAE, cache: ActivationCache, hook: str, *, exclu
     seen = 0
     with torch.no_grad():
         for c in tqdm(cache.holdout_chunks, desc="evaluate holdout", unit="chunk", dynamic_ncols=True):
-            x = cache.read_chunk(hook, c).float()
+            x = cache.read_chunk(hook, c, verify=True).float()
             x = x[torch.from_numpy(~np.isin(cache.chunk_token_ids(c), exclude))]
             if n_tokens is not None:
                 x = x[: n_tokens - seen]

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from pipeline import __version__, models, text
 from pipeline.cache import (ActivationCache, CacheWriter, check_output_folder, chunk_tokens_for, compute_statistics,
-                            is_cache_folder, to_storage)
+                            is_cache_folder, to_storage, writer_lock)
 from pipeline.config import HarvestConfig
 from pipeline.errors import ConfigError, DatasetError
 
@@ -59,10 +59,18 @@ def tokenize_dataset(cfg: HarvestConfig, tokenizer) -> np.ndarray:
 def harvest(cfg: HarvestConfig, model=None) -> HarvestResult:
     """Run stage 1: tokenize, run the model, write (or resume) the cache at ``cfg.output_path``.
 
+    Only one harvest writes a cache at a time (see :func:`pipeline.cache.writer_lock`).
+
     Raises:
         ModelError, HookNameError, DatasetError, ConfigError, CacheError: bad input, before any
-            activation is written; CacheError on float16 overflow (names hook and max value).
+            activation is written; CacheError on float16 overflow (names hook and max value), or
+            when another harvest is writing the same output path.
     """
+    with writer_lock(cfg.output_path, break_lock=cfg.break_lock):
+        return _harvest_locked(cfg, model)
+
+
+def _harvest_locked(cfg: HarvestConfig, model) -> HarvestResult:
     check_output_folder(Path(cfg.output_path), cfg.overwrite)
     finished = _finished_identical(cfg)
     if finished is not None:
@@ -113,13 +121,18 @@ def harvest(cfg: HarvestConfig, model=None) -> HarvestResult:
         chunk_tokens=chunk_tokens, chunks_per_shard=cfg.chunks_per_shard, n_holdout_chunks=n_holdout,
         compression_level=cfg.compression_level, overwrite=cfg.overwrite,
     )
+    return _fill(model, tokens, writer, cfg, special)
+
+
+def _fill(model, tokens: np.ndarray, writer: CacheWriter, cfg: HarvestConfig, special: list[int]) -> HarvestResult:
+    """Run the forward passes the cache still lacks, then record statistics and mark it complete."""
     start_chunk = writer.n_chunks_written
     if start_chunk:
-        print(f"resuming harvest at chunk {start_chunk}/{n_chunks} ({str(cfg.output_path)!r})")
+        print(f"resuming harvest at chunk {start_chunk}/{writer.layout.n_chunks} ({str(cfg.output_path)!r})")
     t0 = time.perf_counter()
     _run_forward(model, tokens, writer, cfg, start_chunk)
     elapsed = time.perf_counter() - t0
-    n_new = tokens.size - min(tokens.size, start_chunk * chunk_tokens)
+    n_new = tokens.size - min(tokens.size, start_chunk * writer.layout.chunk_tokens)
     if writer.cache.complete:
         cache = ActivationCache.open(cfg.output_path)
     else:
@@ -131,7 +144,7 @@ def harvest(cfg: HarvestConfig, model=None) -> HarvestResult:
 
 def _identity_config(cfg: HarvestConfig) -> dict[str, Any]:
     """The config fields that decide a harvest's content (not where or how fast it runs)."""
-    return {k: v for k, v in cfg.to_dict().items() if k not in ("overwrite", "device", "output_path")}
+    return {k: v for k, v in cfg.to_dict().items() if k not in ("overwrite", "break_lock", "device", "output_path")}
 
 
 def _finished_identical(cfg: HarvestConfig) -> ActivationCache | None:

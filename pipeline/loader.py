@@ -95,7 +95,7 @@ class ActivationLoader:
         return ~np.isin(ids, self.exclude) if self.exclude.size else np.ones(ids.shape, dtype=bool)
 
     def _read(self, chunk: int) -> torch.Tensor:
-        rows = self.cache.read_chunk(self.hook_name, chunk)
+        rows = self.cache.read_chunk(self.hook_name, chunk, verify=True)  # never train on garbage
         keep = self._keep_mask(chunk)
         return rows if keep.all() else rows[torch.from_numpy(keep)]
 

@@ -1,4 +1,4 @@
-"""``sae-pipeline cache info``: what a harvest holds."""
+"""``sae-pipeline cache info|verify``: what a harvest holds, and whether it is intact."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import json
 
 import click
 
-from pipeline.cache import ActivationCache
+from pipeline.cache import ActivationCache, verify
+from pipeline.errors import CacheError
 
 
 @click.group("cache")
@@ -23,3 +24,18 @@ def info(path):
     keep = {k: v for k, v in cache.attrs.items() if k not in ("statistics",)}
     keep["mean_norm"] = {h: s["mean_norm"] for h, s in cache.attrs.get("statistics", {}).items()}
     click.echo(json.dumps(keep, indent=2))
+
+
+@command.command("verify")
+@click.argument("path", type=click.Path())
+def verify_command(path):
+    """Check every chunk against the checksum recorded when it was written; name damaged ones."""
+    cache = ActivationCache.open(path, require_complete=False)
+    damaged = verify(cache)
+    if damaged:
+        listing = "; ".join(f"{hook}: chunks {ids}" for hook, ids in damaged.items())
+        raise CacheError(f"the cache at {path!r} is damaged ({listing}). Re-harvest it into a new folder "
+                         "(or with --overwrite).")
+    done = "" if cache.complete else f" (incomplete harvest: {cache.n_chunks_written}/{cache.layout.n_chunks} chunks so far)"
+    click.echo(f"ok: {cache.n_chunks_written} chunks × {len(cache.hook_names)} hooks and the token ids match their "
+               f"checksums{done}")

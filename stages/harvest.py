@@ -37,6 +37,8 @@ def _opt(name: str, help: str = "", **kwargs):
 @_opt("device", "torch device for the model, e.g. cpu or cuda.")
 @_opt("output_path", "Cache folder (resumed if it holds the same, unfinished harvest).")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a different cache at output-path.")
+@click.option("--break-lock", is_flag=True, default=None,
+              help="Take over output-path from a harvest on another machine that no longer runs.")
 def command(config_path, sets, **flags):
     """Run the model once over the dataset and store activations of every hook in a Zarr cache.
 

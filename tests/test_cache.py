@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import ActivationCache, CacheWriter, compute_statistics, from_storage, to_storage
+from pipeline.cache import ActivationCache, CacheWriter, compute_statistics, from_storage, to_storage, verify
 from pipeline.errors import CacheError
 from tests.conftest import write_synthetic_cache
 
@@ -126,3 +126,75 @@ def test_overwrite_replaces_a_different_cache(tmp_path):
                                           dtype="float16", chunk_tokens=16, chunks_per_shard=2, n_holdout_chunks=1,
                                           overwrite=True)
     assert writer.layout.n_seqs == 4 and writer.n_chunks_written == 0
+
+
+def _shard_files(path):
+    return sorted(p for p in (path / HOOK / "c").rglob("*") if p.is_file())
+
+
+def test_verify_names_the_damaged_chunk_every_time(tmp_path):
+    acts, tokens = _data(n_seqs=32, d_in=16)
+    cache = write_synthetic_cache(tmp_path / "c", acts, tokens, dtype="float16", chunk_tokens=16)
+    assert verify(cache, progress=False) == {}
+    rng = np.random.default_rng(0)
+    for trial in range(10):
+        # one shard file holds 2 chunks of 16 rows; flip one byte inside a chunk's compressed data
+        shard = _shard_files(tmp_path / "c")[trial % 8]
+        original = shard.read_bytes()
+        damaged = bytearray(original)
+        offset = int(rng.integers(16, len(original) - 2 * 16 - 4))  # keep clear of the shard index
+        damaged[offset] ^= 0xFF
+        shard.write_bytes(bytes(damaged))
+        found = verify(ActivationCache.open(tmp_path / "c"), progress=False)
+        shard_id = int(shard.parent.name)  # shards live at c/<row>/<column>
+        assert found and set(found) == {HOOK}, (trial, found)
+        assert set(found[HOOK]) <= {2 * shard_id, 2 * shard_id + 1}
+        shard.write_bytes(original)
+    assert verify(ActivationCache.open(tmp_path / "c"), progress=False) == {}
+
+
+def test_reading_a_damaged_chunk_for_training_stops_with_the_report(tmp_path):
+    from pipeline.loader import ActivationLoader
+
+    acts, tokens = _data(n_seqs=32, d_in=16)
+    write_synthetic_cache(tmp_path / "c", acts, tokens, dtype="float32", chunk_tokens=16, n_holdout_chunks=0)
+    shard = _shard_files(tmp_path / "c")[3]
+    data = bytearray(shard.read_bytes())
+    data[40] ^= 0x01
+    shard.write_bytes(bytes(data))
+    loader = ActivationLoader(ActivationCache.open(tmp_path / "c"), batch_size=16, shuffle_buffer_tokens=64)
+    with pytest.raises(CacheError, match=r"damaged: chunk\(s\) \[[67]\].*cache verify"):
+        list(loader.batches(40))
+
+
+def test_a_second_writer_is_refused_naming_the_first(tmp_path):
+    import os
+    import socket
+
+    from pipeline.cache import writer_lock
+
+    with writer_lock(tmp_path / "c"):
+        with pytest.raises(CacheError, match=rf"being written by pid {os.getpid()} on {socket.gethostname()}.*--break-lock"):
+            with writer_lock(tmp_path / "c"):
+                pass
+        with writer_lock(tmp_path / "c", break_lock=True):  # explicit take-over
+            pass
+    assert not (tmp_path / "c.lock").exists()
+
+
+def test_a_stale_lock_of_a_dead_process_is_removed(tmp_path, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    from pipeline.cache import writer_lock
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "c.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "started": "x"}))
+    with writer_lock(tmp_path / "c"):
+        assert json.loads((tmp_path / "c.lock").read_text())["pid"] != int(dead.stdout)
+    assert "no longer runs" in capsys.readouterr().out
+    (tmp_path / "c.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "x"}))
+    with pytest.raises(CacheError, match="on elsewhere"):
+        with writer_lock(tmp_path / "c"):
+            pass
