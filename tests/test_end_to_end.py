@@ -1,10 +1,10 @@
 """The main job through the CLI on real input: SmolLM2-135M on WikiText-2 (wiki.test.raw).
 
 harvest → train TopK → evaluate, each as a `python -m stages` subprocess, then checks of the
-outputs a user and SAELens read. Floors (measured on this setup: explained variance 0.80 and CE
-loss recovered 0.83, see the closing note of issue 2) sit below the measured values by a margin
-for seed and machine noise, and far above what a broken SAE gives (EV 0 for the mean, CE recovered
-≈ 0 for zero-ablation).
+outputs a user and SAELens read. Floors: this setup measured explained variance 0.736 and CE loss
+recovered 0.865 (2-core CPU, seed 42; the full anchor run of 200K tokens / 1M training tokens /
+d_sae 4608 reaches 0.834 / 0.913). The floors sit below by a margin for seed and machine noise,
+and far above what a broken SAE gives (EV 0 for the mean, CE recovered ≈ 0 for zero-ablation).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pipeline.cache import ActivationCache
 from pipeline.constants import METRICS_LOG_FILENAME, SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME
 
 pytestmark = pytest.mark.slow
-EV_FLOOR = 0.70
-CE_RECOVERED_FLOOR = 0.70
+EV_FLOOR = 0.68
+CE_RECOVERED_FLOOR = 0.75
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
