@@ -146,6 +146,13 @@ class ActivationCache:
             raise CacheError(f"{str(path)!r} is a Zarr group but not a sae-pipeline activation cache.")
         cache = cls(path, group)
         if require_complete and not cache.complete:
+            holder = _read_lock(Path(str(path) + LOCK_SUFFIX)) if Path(str(path) + LOCK_SUFFIX).exists() else None
+            if holder is not None and not _is_stale(holder):
+                raise CacheError(
+                    f"the cache at {str(path)!r} is still being written by pid {holder.get('pid')} on "
+                    f"{holder.get('host')} ({cache.n_chunks_written}/{cache.layout.n_chunks} chunks so far); "
+                    "wait for that harvest to finish."
+                )
             raise CacheError(
                 f"the cache at {str(path)!r} is incomplete ({cache.n_chunks_written}/{cache.layout.n_chunks} "
                 "chunks written): its harvest was interrupted. Re-run the same `sae-pipeline harvest` "

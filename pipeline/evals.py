@@ -155,6 +155,18 @@ class ReconstructionStats:
         }
 
 
+def per_token(sae: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """Apply ``sae`` to a hook's ``[batch, pos, ...]`` activation by flattening the trailing dims
+    into d_in and restoring them (``attn.hook_z`` is ``[batch, pos, n_heads, d_head]``; the cache
+    stores it flattened the same way)."""
+
+    def apply(activation: Tensor) -> Tensor:
+        flat = activation.reshape(*activation.shape[:2], -1)
+        return sae(flat).reshape(activation.shape)
+
+    return apply
+
+
 @torch.no_grad()
 def ce_loss_recovered(
     model: Any,
@@ -215,7 +227,7 @@ def ce_loss_recovered(
         weight = batch.shape[0] / n_seqs
         totals["clean"] += weight * float(model(batch, return_type="loss"))
         totals["sae"] += weight * float(
-            model.run_with_hooks(batch, return_type="loss", fwd_hooks=[(hook_name, splice(sae))])
+            model.run_with_hooks(batch, return_type="loss", fwd_hooks=[(hook_name, splice(per_token(sae)))])
         )
         totals["zero"] += weight * float(
             model.run_with_hooks(batch, return_type="loss", fwd_hooks=[(hook_name, splice(torch.zeros_like))])

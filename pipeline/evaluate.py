@@ -19,7 +19,7 @@ from pipeline import evals, models
 from pipeline.cache import ActivationCache
 from pipeline.config import EvalConfig, read_yaml_mapping
 from pipeline.constants import METRICS_FILENAME, TRAIN_CONFIG_FILENAME
-from pipeline.errors import CacheError
+from pipeline.errors import CacheError, ConfigError
 from pipeline.sae import SAE
 
 
@@ -84,6 +84,8 @@ def evaluate(cfg: EvalConfig, *, model=None) -> dict[str, Any]:
         SAEFormatError, CacheError: the SAE or cache is missing, damaged or mismatched.
     """
     sae_path = Path(cfg.sae_path)
+    out = Path(cfg.output_path) if cfg.output_path else sae_path / METRICS_FILENAME
+    _check_metrics_path(out)
     sae = SAE.load(sae_path, device=cfg.device)
     train_cfg = _train_config(sae_path)
     cache_path = cfg.cache_path or train_cfg.get("cache_path")
@@ -107,10 +109,18 @@ def evaluate(cfg: EvalConfig, *, model=None) -> dict[str, Any]:
         metrics.update(evals.ce_loss_recovered(model, sae, tokens.to(cfg.device), hook,
                                                batch_size=cfg.batch_size_prompts))
     metrics = {k: (float(v) if isinstance(v, (float, np.floating, torch.Tensor)) else v) for k, v in metrics.items()}
-    out = Path(cfg.output_path) if cfg.output_path else sae_path / METRICS_FILENAME
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _check_metrics_path(out: Path) -> None:
+    """Refuse, before any work, a metrics path that is a folder or lies under a file."""
+    if out.is_dir():
+        raise ConfigError(f"output_path {str(out)!r} is a folder; give a file path such as {str(out / METRICS_FILENAME)!r}.")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"output_path {str(out)!r} lies under the file {str(parent)!r}; choose another path.")
 
 
 def _load_cache_model(cache: ActivationCache, device: str):

@@ -74,8 +74,8 @@ def _harvest_locked(cfg: HarvestConfig, model) -> HarvestResult:
     check_output_folder(Path(cfg.output_path), cfg.overwrite)
     finished = _finished_identical(cfg)
     if finished is not None:
-        print(f"{cfg.output_path!r} already holds this harvest, complete; nothing to do "
-              "(pass --overwrite to redo it).")
+        print(f"{cfg.output_path!r} already holds this harvest, complete; reusing it "
+              "(`sae-pipeline harvest --overwrite` redoes it).")
         return HarvestResult(finished, 0.0, _disk_bytes(finished.path) / finished.layout.n_tokens, 0)
     source = models.resolve_model(cfg.model_name)
     model = model if model is not None else models.load_model(cfg.model_name, device=cfg.device,

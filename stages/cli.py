@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo("\ninterrupted: what was written is kept; re-run the same command to resume a harvest.",
-                   err=True)
+        click.echo("\ninterrupted: what was written is kept. Re-running an interrupted harvest resumes it; "
+                   "an interrupted training restarts with --overwrite.", err=True)
         sys.exit(130)
     except click.ClickException as e:
         e.show()

@@ -198,3 +198,17 @@ def test_a_stale_lock_of_a_dead_process_is_removed(tmp_path, capsys):
     with pytest.raises(CacheError, match="on elsewhere"):
         with writer_lock(tmp_path / "c"):
             pass
+
+
+def test_training_on_a_cache_still_being_written_names_the_writer(tmp_path):
+    import os
+
+    from pipeline.cache import writer_lock
+
+    acts, tokens = _data()
+    with writer_lock(tmp_path / "c"):
+        write_synthetic_cache(tmp_path / "c", acts, tokens, chunk_tokens=16, stop_after_chunks=2)
+        with pytest.raises(CacheError, match=rf"still being written by pid {os.getpid()}.*2/6 chunks"):
+            ActivationCache.open(tmp_path / "c")
+    with pytest.raises(CacheError, match="interrupted"):
+        ActivationCache.open(tmp_path / "c")

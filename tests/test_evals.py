@@ -115,3 +115,11 @@ def test_ce_loss_recovered(tiny_model):
     keep_all = torch.ones_like(tokens, dtype=torch.bool)
     masked = ce_loss_recovered(tiny_model, zeros, tokens, hook, exclude_positions_mask=keep_all)
     assert masked["ce_loss_with_sae"] == pytest.approx(masked["ce_loss_clean"], rel=1e-6)
+
+
+def test_ce_loss_recovered_flattens_per_head_hooks(tiny_model):
+    # attn.hook_z is [batch, pos, n_heads=4, d_head=4]; the cache and the SAE see it as d_in = 16
+    tokens = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(1))
+    perfect = ce_loss_recovered(tiny_model, identity_sae(16), tokens, "blocks.0.attn.hook_z", batch_size=4)
+    assert perfect["ce_loss_with_sae"] == pytest.approx(perfect["ce_loss_clean"], rel=1e-5)
+    assert perfect["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-4)
