@@ -87,35 +87,10 @@ def _harvest_locked(cfg: HarvestConfig, model) -> HarvestResult:
             "lower context_size."
         )
     tokens = tokenize_dataset(cfg, model.tokenizer)
-    holdout = cfg.resolved_holdout_tokens
-    # a small harvest gets smaller chunks, so its holdout is a whole chunk and not the whole cache
-    chunk_tokens = chunk_tokens_for(cfg.context_size, min(cfg.chunk_tokens, holdout or cfg.chunk_tokens))
-    n_chunks = -(-tokens.size // chunk_tokens)
-    n_holdout = min(n_chunks - 1, -(-holdout // chunk_tokens)) if holdout else 0
-    if holdout and n_holdout == 0:
-        raise ConfigError(
-            f"a holdout of {holdout} tokens needs at least two sequences of context_size {cfg.context_size}, "
-            f"but the dataset gave {tokens.shape[0]}; use more text, or set holdout_tokens: 0."
-        )
+    chunk_tokens, n_holdout = _chunk_plan(cfg, tokens.shape[0])
     d_in = {hook: models.d_in_of(model, hook) for hook in cfg.hook_names}
     special = models.special_token_ids(model.tokenizer)
-    metadata = {
-        "harvest_config": _identity_config(cfg),
-        "model_name": models.model_display_name(source),
-        "model_source": {"kind": source.kind, "name": source.name},
-        "weights_fingerprint": models.model_fingerprint(model),
-        "hook_names": list(cfg.hook_names),
-        "model_dtype": cfg.model_dtype,
-        "prepend_bos": cfg.prepend_bos,
-        "separator": cfg.separator,
-        "dataset_path": cfg.dataset_path,
-        "dataset_name": cfg.dataset_name,
-        "dataset_split": cfg.dataset_split,
-        "dataset_fingerprint": text.dataset_fingerprint(cfg.dataset_path, text_column=cfg.text_column,
-                                                        split=cfg.dataset_split, name=cfg.dataset_name),
-        "tokenizer": type(model.tokenizer).__name__ + ":" + str(getattr(model.tokenizer, "name_or_path", "")),
-        "special_token_ids": special,
-    }
+    metadata = _metadata(cfg, source, model, special)
     writer = CacheWriter.create_or_resume(
         cfg.output_path, metadata=metadata, d_in=d_in, tokens=tokens, dtype=cfg.dtype,
         chunk_tokens=chunk_tokens, chunks_per_shard=cfg.chunks_per_shard, n_holdout_chunks=n_holdout,
@@ -140,6 +115,46 @@ def _fill(model, tokens: np.ndarray, writer: CacheWriter, cfg: HarvestConfig, sp
         cache = writer.finalize(stats, {"sae_pipeline_version": __version__, "torch_version": torch.__version__})
     return HarvestResult(cache, n_new / elapsed if n_new and elapsed > 0 else 0.0,
                          _disk_bytes(Path(cfg.output_path)) / tokens.size, n_new)
+
+
+def _chunk_plan(cfg: HarvestConfig, n_seqs: int) -> tuple[int, int]:
+    """``(chunk_tokens, n_holdout_chunks)``: whole-sequence chunks and the chunks held out.
+
+    A small harvest gets smaller chunks, so its holdout is a whole chunk and not the whole cache.
+
+    Raises:
+        ConfigError: a holdout is asked for but the dataset gave a single sequence.
+    """
+    holdout = cfg.resolved_holdout_tokens
+    chunk_tokens = chunk_tokens_for(cfg.context_size, min(cfg.chunk_tokens, holdout or cfg.chunk_tokens))
+    n_chunks = -(-n_seqs * cfg.context_size // chunk_tokens)
+    n_holdout = min(n_chunks - 1, -(-holdout // chunk_tokens)) if holdout else 0
+    if holdout and n_holdout == 0:
+        raise ConfigError(
+            f"a holdout of {holdout} tokens needs at least two sequences of context_size {cfg.context_size}, "
+            f"but the dataset gave {n_seqs}; use more text, or set holdout_tokens: 0."
+        )
+    return chunk_tokens, n_holdout
+
+
+def _metadata(cfg: HarvestConfig, source: models.ModelSource, model, special: list[int]) -> dict[str, Any]:
+    """Everything that identifies the harvest, recorded in (and compared against) the cache."""
+    return {
+        "harvest_config": _identity_config(cfg),
+        "model_name": models.model_display_name(source),
+        "model_source": {"kind": source.kind, "name": source.name},
+        "weights_fingerprint": models.model_fingerprint(model),
+        "model_dtype": cfg.model_dtype,
+        "prepend_bos": cfg.prepend_bos,
+        "separator": cfg.separator,
+        "dataset_path": cfg.dataset_path,
+        "dataset_name": cfg.dataset_name,
+        "dataset_split": cfg.dataset_split,
+        "dataset_fingerprint": text.dataset_fingerprint(cfg.dataset_path, text_column=cfg.text_column,
+                                                        split=cfg.dataset_split, name=cfg.dataset_name),
+        "tokenizer": type(model.tokenizer).__name__ + ":" + str(getattr(model.tokenizer, "name_or_path", "")),
+        "special_token_ids": special,
+    }
 
 
 def _identity_config(cfg: HarvestConfig) -> dict[str, Any]:
