@@ -43,7 +43,7 @@ from zarr.codecs import BloscCodec
 from pipeline.constants import CHECKSUMS_GROUP, COMPLETE_ATTR, LOCK_SUFFIX, TOKENS_ARRAY
 from pipeline.errors import CacheError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-chunk checksums
 _NUMPY_STORAGE = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -144,6 +144,12 @@ class ActivationCache:
             raise CacheError(f"{str(path)!r} is not a readable Zarr group ({e}); re-harvest it.") from e
         if group.attrs.get("format") != "sae-pipeline-activations":
             raise CacheError(f"{str(path)!r} is a Zarr group but not a sae-pipeline activation cache.")
+        version = group.attrs.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CacheError(
+                f"the cache at {str(path)!r} has format version {version}, this sae-pipeline reads version "
+                f"{FORMAT_VERSION}; re-harvest it (same command with --overwrite)."
+            )
         cache = cls(path, group)
         if require_complete and not cache.complete:
             holder = _read_lock(Path(str(path) + LOCK_SUFFIX)) if Path(str(path) + LOCK_SUFFIX).exists() else None

@@ -212,3 +212,13 @@ def test_training_on_a_cache_still_being_written_names_the_writer(tmp_path):
             ActivationCache.open(tmp_path / "c")
     with pytest.raises(CacheError, match="interrupted"):
         ActivationCache.open(tmp_path / "c")
+
+
+def test_a_cache_of_another_format_version_is_refused_with_the_fix(tmp_path):
+    acts, tokens = _data()
+    write_synthetic_cache(tmp_path / "c", acts, tokens, chunk_tokens=16)
+    meta = json.loads((tmp_path / "c" / "zarr.json").read_text())
+    meta["attributes"]["format_version"] = 1
+    (tmp_path / "c" / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(CacheError, match="format version 1.*re-harvest.*--overwrite"):
+        ActivationCache.open(tmp_path / "c")

@@ -64,6 +64,22 @@ def batch_mixing(cache, batch_size: int, shuffle_buffer_tokens: int, n_batches: 
     return {"distinct_sequences_per_batch": float(np.mean(distinct)), "uniform_shuffle_expectation": uniform}
 
 
+def loader_throughput(cache, batch_size: int, shuffle_buffer_tokens: int, n_batches: int = 100) -> dict:
+    """Tokens/s of the shuffled loader alone, and of decompressing the training chunks in order."""
+    from pipeline.loader import ActivationLoader
+
+    hook = cache.hook_names[0]
+    t0 = time.perf_counter()
+    rows = sum(cache.read_chunk(hook, c, verify=True).shape[0] for c in cache.train_chunks)
+    decompress = rows / (time.perf_counter() - t0)
+    loader = ActivationLoader(cache, hook, batch_size=batch_size, shuffle_buffer_tokens=shuffle_buffer_tokens,
+                              exclude_token_ids=cache.special_token_ids)
+    t0 = time.perf_counter()
+    served = sum(b.shape[0] for b in loader.batches(n_batches))
+    return {"loader_tokens_per_second": served / (time.perf_counter() - t0),
+            "decompress_tokens_per_second": decompress}
+
+
 def _section(path: str, name: str) -> dict:
     import yaml
 
@@ -89,6 +105,7 @@ def main(config_path: str, out: str | None) -> None:
                              "ce_loss_clean", "ce_loss_with_sae", "ce_loss_zero_ablation") if k in m},
         "wall_seconds": time.perf_counter() - t0,
         **batch_mixing(h.cache, t_cfg.train_batch_size_tokens, t_cfg.shuffle_buffer_tokens),
+        **loader_throughput(h.cache, t_cfg.train_batch_size_tokens, t_cfg.shuffle_buffer_tokens),
     }
     click.echo(f"{'figure':<28}{'sae-pipeline':>14}{'SAELens (ANCHORS.md)':>24}")
     for key, value in ours.items():
