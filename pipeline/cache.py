@@ -116,6 +116,7 @@ class ActivationCache:
         self.path = Path(path)
         self.group = group
         self.attrs: dict[str, Any] = dict(group.attrs)
+        self._checksums: dict[str, np.ndarray] = {}
         self.layout = CacheLayout(
             n_seqs=self.attrs["n_seqs"],
             context_size=self.attrs["context_size"],
@@ -250,7 +251,14 @@ class ActivationCache:
         return from_storage(block, self.dtype)
 
     def recorded_checksum(self, hook_name: str, i: int) -> int:
-        return int(self.group[f"{CHECKSUMS_GROUP}/{array_key(self.resolve_hook(hook_name))}"][i])
+        """The CRC-32 recorded for chunk ``i`` (read once per hook: the hot path is the loader)."""
+        hook = self.resolve_hook(hook_name)
+        recorded = self._checksums.get(hook)
+        if recorded is None:
+            recorded = np.asarray(self.group[f"{CHECKSUMS_GROUP}/{array_key(hook)}"][:])
+            if self.complete:  # a cache still being written gains checksums: keep re-reading it
+                self._checksums[hook] = recorded
+        return int(recorded[i])
 
     def read_rows(self, hook_name: str, start: int, stop: int) -> torch.Tensor:
         """Activations of rows ``[start, stop)``: ``[stop - start, d_in]`` in the stored dtype."""
