@@ -26,9 +26,9 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import socket
 import time
-import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +45,7 @@ from pipeline.errors import CacheError
 
 FORMAT_VERSION = 2  # 2: per-chunk checksums
 _NUMPY_STORAGE = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
-_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def array_key(hook_name: str) -> str:
@@ -60,7 +60,7 @@ def to_storage(acts: torch.Tensor, dtype: str, hook_name: str) -> np.ndarray:
         CacheError: if a finite activation overflows the storage dtype (float16 max 65504) or the
             model produced NaN/Inf; the message names the hook, the max |value| and the fix.
     """
-    stored = acts.detach().to(_TORCH_DTYPES[dtype])
+    stored = acts.detach().to(TORCH_DTYPES[dtype])
     if not torch.isfinite(stored).all():
         max_abs = acts.detach().float().abs().nan_to_num(posinf=float("inf")).max().item()
         why = "the model produced NaN/Inf" if not torch.isfinite(acts).all() else f"{dtype} overflows"
@@ -153,8 +153,8 @@ class ActivationCache:
             )
         cache = cls(path, group)
         if require_complete and not cache.complete:
-            holder = _read_lock(Path(str(path) + LOCK_SUFFIX)) if Path(str(path) + LOCK_SUFFIX).exists() else None
-            if holder is not None and not _is_stale(holder):
+            holder = _read_lock(lock_path(path))
+            if holder and not _is_stale(holder):
                 raise CacheError(
                     f"the cache at {str(path)!r} is still being written by pid {holder.get('pid')} on "
                     f"{holder.get('host')} ({cache.n_chunks_written}/{cache.layout.n_chunks} chunks so far); "
@@ -489,7 +489,7 @@ def writer_lock(path: str | Path, *, break_lock: bool = False) -> Iterator[None]
     Raises:
         CacheError: another writer holds the lock; the message names it and the fix.
     """
-    lock = Path(str(Path(path)) + LOCK_SUFFIX)
+    lock = lock_path(path)
     lock.parent.mkdir(parents=True, exist_ok=True)
     me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     while True:
@@ -515,11 +515,16 @@ def writer_lock(path: str | Path, *, break_lock: bool = False) -> Iterator[None]
         lock.unlink(missing_ok=True)
 
 
+def lock_path(path: str | Path) -> Path:
+    """The writer lock of the cache at ``path``: ``<path>.lock`` beside it, outside the Zarr group."""
+    return Path(str(Path(path)) + LOCK_SUFFIX)
+
+
 def _read_lock(lock: Path) -> dict[str, Any]:
     try:
         return json.loads(lock.read_text())
     except (OSError, ValueError):
-        return {}  # half-written by a writer killed while locking: treated as stale below
+        return {}  # missing, or half-written by a writer killed while locking (treated as stale)
 
 
 def _is_stale(holder: dict[str, Any]) -> bool:

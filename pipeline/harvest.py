@@ -18,13 +18,10 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline import __version__, models, text
-from pipeline.cache import (ActivationCache, CacheWriter, check_output_folder, chunk_tokens_for, compute_statistics,
-                            is_cache_folder, to_storage, writer_lock)
+from pipeline.cache import (TORCH_DTYPES, ActivationCache, CacheWriter, check_output_folder, chunk_tokens_for,
+                            compute_statistics, is_cache_folder, to_storage, writer_lock)
 from pipeline.config import HarvestConfig
 from pipeline.errors import ConfigError, DatasetError
-
-_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
-
 
 @dataclass
 class HarvestResult:
@@ -79,7 +76,7 @@ def _harvest_locked(cfg: HarvestConfig, model) -> HarvestResult:
         return HarvestResult(finished, 0.0, _disk_bytes(finished.path) / finished.layout.n_tokens, 0)
     source = models.resolve_model(cfg.model_name)
     model = model if model is not None else models.load_model(cfg.model_name, device=cfg.device,
-                                                             dtype=_TORCH_DTYPES[cfg.model_dtype])
+                                                             dtype=TORCH_DTYPES[cfg.model_dtype])
     models.validate_hook_names(model, cfg.hook_names)
     if cfg.context_size > model.cfg.n_ctx:
         raise ConfigError(
