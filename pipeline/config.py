@@ -20,11 +20,12 @@ import torch
 import yaml
 
 from pipeline.errors import ConfigError
+from pipeline.sae.registry import ARCHITECTURES
 
 C = TypeVar("C", bound="_Config")
 
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
-ARCHITECTURE_NAMES = ("standard", "topk")
+ARCHITECTURE_NAMES = tuple(ARCHITECTURES)
 NORMALIZE_ACTIVATIONS = ("expected_average_only_in", "none")
 LR_SCHEDULERS = ("constant", "cosineannealing")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
@@ -225,19 +226,59 @@ class HarvestConfig(_Config):
         return min(16_384, self.n_tokens // 10) if self.holdout_tokens is None else self.holdout_tokens
 
 
+# Which training fields each architecture reads; a non-default value of a field no chosen
+# architecture reads is warned about (never silently dropped).
+ARCHITECTURE_FIELDS: dict[str, tuple[str, ...]] = {
+    "k": ("topk", "batchtopk", "matryoshka"),
+    "aux_loss_coefficient": ("topk", "batchtopk", "matryoshka"),
+    "l1_coefficient": ("standard", "gated"),
+    "l1_warm_up_steps": ("standard", "gated"),
+    "use_ghost_grads": ("standard",),
+    "l0_coefficient": ("jumprelu",),
+    "l0_warm_up_steps": ("jumprelu",),
+    "jumprelu_init_threshold": ("jumprelu",),
+    "jumprelu_bandwidth": ("jumprelu",),
+    "jumprelu_sparsity_loss_mode": ("jumprelu",),
+    "jumprelu_tanh_scale": ("jumprelu",),
+    "pre_act_loss_coefficient": ("jumprelu",),
+    "topk_threshold_lr": ("batchtopk", "matryoshka"),
+    "matryoshka_widths": ("matryoshka",),
+}
+ACTIVATION_FNS = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}
+
+
 @dataclass
 class TrainConfig(_Config):
-    """Stage 2: one SAE trained from a cache. Names as in SAELens's LanguageModelSAERunnerConfig."""
+    """Stage 2: one SAE trained from a cache. Names as in SAELens's LanguageModelSAERunnerConfig.
+
+    Architecture-specific fields (see ``ARCHITECTURE_FIELDS``) keep SAELens's names and defaults:
+    ``k`` (TopK family; fractional allowed for batchtopk/matryoshka), ``l1_coefficient`` (standard,
+    gated), ``l0_coefficient`` and ``jumprelu_*`` (jumprelu), ``topk_threshold_lr``,
+    ``matryoshka_widths``. ``n_checkpoints`` checkpoints land in ``checkpoint_path`` (default
+    ``<output_path>/checkpoints``); ``resume_from_checkpoint`` (a checkpoint folder, or ``"latest"``)
+    continues a run exactly.
+    """
 
     cache_path: str = "data/harvests/default"
     hook_name: str | None = None
     architecture: str = "topk"
     d_in: int | None = None
     d_sae: int = 4608
-    k: int = 32
+    k: float = 32
     l1_coefficient: float = 5.0
     l1_warm_up_steps: int = 0
+    l0_coefficient: float = 1.0
+    l0_warm_up_steps: int = 0
+    jumprelu_init_threshold: float = 0.01
+    jumprelu_bandwidth: float = 0.05
+    jumprelu_sparsity_loss_mode: str = "step"
+    jumprelu_tanh_scale: float = 4.0
+    pre_act_loss_coefficient: float | None = None
+    topk_threshold_lr: float = 0.01
+    matryoshka_widths: list[int] = field(default_factory=list)
     aux_loss_coefficient: float = 1 / 32
+    use_ghost_grads: bool = False
+    apply_b_dec_to_input: bool = True
     lr: float = 4e-4
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -250,6 +291,8 @@ class TrainConfig(_Config):
     b_dec_init_method: str = "geometric_median"
     dead_feature_window: int = 250
     feature_sampling_window: int = 100
+    dense_feature_threshold: float = 0.1
+    resample_dead_latents: bool = False
     exclude_special_tokens: bool = True
     shuffle_buffer_tokens: int = 262_144
     num_workers: int = 2
@@ -258,7 +301,15 @@ class TrainConfig(_Config):
     device: str = "cpu"
     dtype: str = "float32"
     output_path: str = "data/saes/default"
+    n_checkpoints: int = 0
+    checkpoint_path: str | None = None
+    resume_from_checkpoint: str | None = None
     log_every: int = 50
+    log_to_wandb: bool = False
+    wandb_project: str = "sae-pipeline"
+    wandb_entity: str | None = None
+    run_name: str | None = None
+    wandb_log_frequency: int = 10
     overwrite: bool = False
 
     @classmethod
@@ -271,34 +322,43 @@ class TrainConfig(_Config):
             "dataset_path": cache,
             "model_name": cache,
             "n_batches_in_buffer": "the loader's shuffle_buffer_tokens sets the mixing buffer",
-            "dead_feature_threshold": "a latent is dead after dead_feature_window steps without firing",
-            "log_to_wandb": "wandb logging is not wired yet; metrics go to metrics.jsonl",
-            "wandb_project": "wandb logging is not wired yet; metrics go to metrics.jsonl",
+            "decoder_init_norm": "each architecture initialises its decoder as its paper does",
+            "dead_feature_threshold": "a latent is dead after dead_feature_window steps without firing "
+                                      "(SAELens 6 never reads this field either)",
         }
 
     @classmethod
     def _translate(cls, data: dict[str, Any]) -> dict[str, Any]:
-        kwargs = data.pop("activation_fn_kwargs", None) or {}
+        kwargs = dict(data.pop("activation_fn_kwargs", None) or {})
         if "k" in kwargs:
             data.setdefault("k", kwargs.pop("k"))
         if kwargs:
             raise ConfigError(f"activation_fn_kwargs has unsupported keys {sorted(kwargs)}; only 'k' is used.")
+        if data.get("architecture") == "matryoshka_batchtopk":  # SAELens's name
+            data["architecture"] = "matryoshka"
         act = data.pop("activation_fn", None)
         if act is not None:
-            arch = data.get("architecture", "topk" if act == "topk" else "standard")
-            expected = "topk" if arch == "topk" else "relu"
-            if act != expected:
-                raise ConfigError(
-                    f"activation_fn {act!r} does not match architecture {arch!r} (expects {expected!r}); "
-                    "set architecture: topk for activation_fn: topk, or architecture: standard for relu."
-                )
-            data.setdefault("architecture", arch)
-        arch = data.get("architecture", "topk")
-        unused = {"standard": ("k",), "topk": ("l1_coefficient", "l1_warm_up_steps")}.get(arch, ())
-        for name in unused:
-            if name in data and data[name] != getattr(cls, name):
-                warnings.warn(f"config field {name!r} is ignored by architecture {arch!r}", stacklevel=3)
+            cls._check_activation_fn(act, data)
+        arch = data.get("architecture", cls.architecture)
+        for name, archs in ARCHITECTURE_FIELDS.items():
+            if arch not in archs and name in data and data[name] != getattr(cls(), name):
+                warnings.warn(f"config field {name!r} is ignored by architecture {arch!r} "
+                              f"(it is read by {', '.join(archs)})", stacklevel=3)
         return data
+
+    @staticmethod
+    def _check_activation_fn(act: str, data: dict[str, Any]) -> None:
+        """SAELens's older ``activation_fn`` must agree with ``architecture`` (or implies it)."""
+        if act not in ACTIVATION_FNS:
+            raise ConfigError(f"activation_fn {act!r} is not supported; use one of {', '.join(ACTIVATION_FNS)} "
+                              "or set architecture directly.")
+        arch = data.setdefault("architecture", ACTIVATION_FNS[act])
+        expected = "relu" if arch in ("standard", "gated") else "topk" if arch == "matryoshka" else arch
+        if act != expected:
+            raise ConfigError(
+                f"activation_fn {act!r} does not match architecture {arch!r} (expects {expected!r}); "
+                "set architecture: topk for activation_fn: topk, or architecture: standard for relu."
+            )
 
     def validate(self) -> None:
         self._check_choice("architecture", ARCHITECTURE_NAMES)
@@ -306,22 +366,35 @@ class TrainConfig(_Config):
         self._check_choice("lr_scheduler_name", LR_SCHEDULERS)
         self._check_choice("b_dec_init_method", B_DEC_INITS)
         self._check_choice("dtype", ("float32", "bfloat16"))
+        self._check_choice("jumprelu_sparsity_loss_mode", ("step", "tanh"))
         self._check_positive("d_sae", "k", "lr", "train_batch_size_tokens", "training_tokens",
                              "shuffle_buffer_tokens", "num_workers", "prefetch_batches", "log_every",
-                             "dead_feature_window", "feature_sampling_window", "d_in")
-        if self.l1_coefficient < 0 or self.aux_loss_coefficient < 0:
-            raise ConfigError("l1_coefficient and aux_loss_coefficient must be >= 0.")
-        if self.architecture == "topk" and self.k > self.d_sae:
+                             "dead_feature_window", "feature_sampling_window", "d_in",
+                             "jumprelu_bandwidth", "wandb_log_frequency")
+        for name in ("l1_coefficient", "l0_coefficient", "aux_loss_coefficient", "n_checkpoints",
+                     "jumprelu_init_threshold", "topk_threshold_lr"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.architecture in ARCHITECTURE_FIELDS["k"] and self.k > self.d_sae:
             raise ConfigError(f"k ({self.k}) must not exceed d_sae ({self.d_sae}).")
+        if self.architecture == "topk" and not float(self.k).is_integer():
+            raise ConfigError(f"topk needs a whole k, got {self.k}; use batchtopk for a fractional average k.")
         if self.shuffle_buffer_tokens < 2 * self.train_batch_size_tokens:
             raise ConfigError(
                 f"shuffle_buffer_tokens ({self.shuffle_buffer_tokens}) must be at least twice "
                 f"train_batch_size_tokens ({self.train_batch_size_tokens}) for batches to be mixed."
             )
+        if self.n_checkpoints > self.total_steps:
+            raise ConfigError(f"n_checkpoints ({self.n_checkpoints}) exceeds the {self.total_steps} training steps.")
 
     @property
     def total_steps(self) -> int:
         return -(-self.training_tokens // self.train_batch_size_tokens)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where checkpoints go: ``checkpoint_path`` or ``<output_path>/checkpoints``."""
+        return Path(self.checkpoint_path) if self.checkpoint_path else Path(self.output_path) / "checkpoints"
 
 
 @dataclass

@@ -149,8 +149,12 @@ class ActivationLoader:
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self.batches()
 
-    def batches(self, n_batches: int | None = None) -> Iterator[torch.Tensor]:
-        """Yield ``n_batches`` batches (forever if ``None``), produced on a background thread."""
+    def batches(self, n_batches: int | None = None, skip: int = 0) -> Iterator[torch.Tensor]:
+        """Yield ``n_batches`` batches (forever if ``None``), produced on a background thread.
+
+        ``skip`` first discards that many batches of the same deterministic stream, so a run
+        resumed after ``skip`` steps sees exactly the batches an uninterrupted run would.
+        """
         q: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
         stop = threading.Event()
         errors: list[BaseException] = []
@@ -158,7 +162,9 @@ class ActivationLoader:
         def produce():
             try:
                 for i, batch in enumerate(self._batches_cpu(stop)):
-                    if n_batches is not None and i >= n_batches:
+                    if i < skip:
+                        continue
+                    if n_batches is not None and i >= skip + n_batches:
                         break
                     while not stop.is_set():
                         try:

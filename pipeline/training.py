@@ -34,12 +34,15 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.cache import ActivationCache
-from pipeline.config import TrainConfig
+from pipeline.checkpoint import (check_resumable, checkpoint_folder, load_checkpoint_state,
+                                 resolve_checkpoint, save_checkpoint)
+from pipeline.config import ARCHITECTURE_FIELDS, TrainConfig
 from pipeline.constants import METRICS_LOG_FILENAME, SAE_CFG_FILENAME, TRAIN_CONFIG_FILENAME
 from pipeline.errors import ConfigError, TrainingError
 from pipeline.loader import ActivationLoader
 from pipeline.sae import SAE, SAEConfig, get_architecture
 from pipeline.sae.topk import geometric_median
+from pipeline.tracking import MetricsLogger
 
 
 def lr_multiplier(step: int, total_steps: int, warm_up_steps: int, decay_steps: int, scheduler: str) -> float:
@@ -73,7 +76,7 @@ def activation_scale(mean_norm: float, d_in: int, method: str) -> float:
 
 @dataclass
 class TrainerState:
-    """What the trainer tracks between steps (per SAE)."""
+    """What the trainer tracks between steps (per SAE); saved in checkpoints."""
 
     step: int = 0
     tokens_seen: int = 0
@@ -83,43 +86,62 @@ class TrainerState:
     feature_density: torch.Tensor | None = None  # [d_sae], fraction of tokens each latent fired on
     history: list[dict[str, Any]] = field(default_factory=list)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Tensors and plain values only (``torch.load(weights_only=True)`` reads it back)."""
+        return {name: getattr(self, name) for name in
+                ("step", "tokens_seen", "steps_since_fired", "window_fire_counts", "window_tokens",
+                 "feature_density")}
+
 
 class Trainer:
     """Trains one SAE from an iterable of ``[batch, d_in]`` float32 batches (already scaled).
 
     The trainer knows nothing of where batches come from; it owns the optimiser, the schedules,
-    dead-latent tracking and logging.
+    dead/dense-latent tracking, dead-latent resampling, checkpoints (through ``on_checkpoint``)
+    and logging (through ``logger``, a :class:`~pipeline.tracking.MetricsLogger`).
     """
 
-    def __init__(self, sae: SAE, cfg: TrainConfig, log: Callable[[dict[str, Any]], None] | None = None):
+    def __init__(self, sae: SAE, cfg: TrainConfig, logger: MetricsLogger | None = None,
+                 on_checkpoint: Callable[[Trainer], None] | None = None):
         self.sae = sae
         self.cfg = cfg
-        self.log = log or (lambda record: None)
+        self.logger = logger
+        self.on_checkpoint = on_checkpoint
         self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
         d_sae = sae.cfg.d_sae
         self.state = TrainerState(
             steps_since_fired=torch.zeros(d_sae, dtype=torch.int64),
             window_fire_counts=torch.zeros(d_sae, dtype=torch.float64),
         )
+        n = cfg.n_checkpoints
+        self.checkpoint_steps = {i * cfg.total_steps // n for i in range(1, n + 1)} if n else set()
 
     def sparsity_coefficient(self, step: int) -> float:
-        """λ_t = l1_coefficient · min(1, (t+1) / l1_warm_up_steps) (SAELens's L1 warm-up)."""
-        warm = self.cfg.l1_warm_up_steps
-        return self.cfg.l1_coefficient * (min(1.0, (step + 1) / warm) if warm else 1.0)
+        """λ_t = coefficient · min(1, (t+1) / warm_up) (SAELens's warm-up), with the coefficient and
+        warm-up fields the architecture names (``l1_*`` or ``l0_*``); 0 for the TopK family."""
+        name, warm_name = self.sae.sparsity_coefficient_name, self.sae.sparsity_warm_up_name
+        if name is None:
+            return 0.0
+        warm = getattr(self.cfg, warm_name) if warm_name else 0
+        return getattr(self.cfg, name) * (min(1.0, (step + 1) / warm) if warm else 1.0)
 
     def dead_mask(self) -> torch.Tensor:
         """Latents that have not fired for ``dead_feature_window`` steps: ``[d_sae]`` bool."""
         return self.state.steps_since_fired >= self.cfg.dead_feature_window
 
     def step(self, x: torch.Tensor) -> dict[str, float]:
-        """One optimisation step on ``x`` ``[batch, d_in]``; returns the step's scalar metrics."""
+        """One optimisation step on ``x`` ``[batch, d_in]``; returns the step's scalar metrics.
+
+        Raises:
+            TrainingError: the loss is NaN or Inf (names the step and the loss parts).
+        """
         cfg, st = self.cfg, self.state
         mult = lr_multiplier(st.step, cfg.total_steps, cfg.lr_warm_up_steps, cfg.lr_decay_steps,
                              cfg.lr_scheduler_name)
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * mult
-        out = self.sae.training_loss(x, sparsity_coefficient=self.sparsity_coefficient(st.step),
-                                     dead_mask=self.dead_mask())
+        coefficient = self.sparsity_coefficient(st.step)
+        out = self.sae.training_loss(x, sparsity_coefficient=coefficient, dead_mask=self.dead_mask())
         if not torch.isfinite(out.loss):
             raise TrainingError(
                 f"loss became {out.loss.item()} at step {st.step} (mse {float(out.mse_loss):.4g}, "
@@ -135,6 +157,8 @@ class Trainer:
         self._track_firing(counts, x.shape[0])
         st.step += 1
         st.tokens_seen += x.shape[0]
+        if cfg.resample_dead_latents and st.step % cfg.feature_sampling_window == 0:
+            resample_dead_latents(self, x, out.sae_out)
         return {
             "loss": out.loss.item(),
             "mse_loss": float(out.mse_loss),
@@ -143,6 +167,8 @@ class Trainer:
             "l0": counts.sum().item() / x.shape[0],
             "explained_variance": _batch_explained_variance(x, out.sae_out.detach()),
             "lr": cfg.lr * mult,
+            "sparsity_coefficient": coefficient,
+            **out.extra,
         }
 
     def _track_firing(self, counts: torch.Tensor, n_tokens: int) -> None:
@@ -162,33 +188,119 @@ class Trainer:
         st.window_fire_counts.zero_()
         st.window_tokens = 0
 
-    def _log(self, metrics: dict[str, float], elapsed: float) -> None:
+    def latent_statistics(self) -> dict[str, float]:
+        """Dead/dense latent counts and the rolling density summary SAELens logs.
+
+        ``dead_features``: silent for ``dead_feature_window`` steps; ``dense_features``: firing
+        on more than ``dense_feature_threshold`` of the tokens of the last full
+        ``feature_sampling_window``; ``below_1e-5``/``below_1e-6``: latents under those
+        densities; ``mean_log10_feature_sparsity``: mean of ``log10(density + 1e-10)``.
+        """
+        st, cfg = self.state, self.cfg
+        stats = {"dead_features": int(self.dead_mask().sum()),
+                 "dead_fraction": self.dead_mask().float().mean().item(),
+                 "mean_passes_since_fired": st.steps_since_fired.float().mean().item()}
+        if st.feature_density is not None:
+            density = st.feature_density
+            stats.update({"dense_features": int((density > cfg.dense_feature_threshold).sum()),
+                          "below_1e-5": int((density < 1e-5).sum()), "below_1e-6": int((density < 1e-6).sum()),
+                          "mean_log10_feature_sparsity": torch.log10(density + 1e-10).mean().item()})
+        return stats
+
+    def _record(self, metrics: dict[str, float], elapsed: float) -> dict[str, Any]:
         st = self.state
-        record = {"step": st.step, "tokens": st.tokens_seen, **metrics,
-                  "dead_fraction": self.dead_mask().float().mean().item(),
-                  "tokens_per_second": st.tokens_seen / elapsed if elapsed else 0.0}
-        st.history.append(record)
-        self.log(record)
+        return {"step": st.step, "tokens": st.tokens_seen, **metrics, **self.latent_statistics(),
+                "tokens_per_second": self._tokens_this_run / elapsed if elapsed else 0.0}
 
     def fit(self, batches: Iterable[torch.Tensor], *, progress: bool = True) -> TrainerState:
-        """Run ``cfg.total_steps`` steps (fewer if ``batches`` runs out)."""
+        """Run until ``cfg.total_steps`` (fewer if ``batches`` runs out), from ``state.step``."""
         cfg, st = self.cfg, self.state
-        bar = tqdm(total=cfg.total_steps * cfg.train_batch_size_tokens, unit="tok", unit_scale=True,
-                   desc=f"train {cfg.architecture}", disable=not progress, dynamic_ncols=True)
-        t0 = time.perf_counter()
+        bar = tqdm(total=cfg.total_steps * cfg.train_batch_size_tokens, initial=st.tokens_seen, unit="tok",
+                   unit_scale=True, desc=f"train {cfg.architecture}", disable=not progress, dynamic_ncols=True)
+        t0, self._tokens_this_run = time.perf_counter(), 0
         with bar:
             for x in batches:
                 if st.step >= cfg.total_steps:
                     break
                 metrics = self.step(x)
+                self._tokens_this_run += x.shape[0]
                 bar.update(x.shape[0])
-                if st.step % cfg.log_every == 0 or st.step == cfg.total_steps:
-                    self._log(metrics, time.perf_counter() - t0)
-                    bar.set_postfix(mse=f"{metrics['mse_loss']:.3g}", l0=f"{metrics['l0']:.1f}",
-                                    ev=f"{metrics['explained_variance']:.3f}")
+                self._emit(metrics, time.perf_counter() - t0, bar)
+                if st.step in self.checkpoint_steps and self.on_checkpoint is not None:
+                    self.on_checkpoint(self)
         if st.window_tokens:
             self._close_window()
         return st
+
+    def _emit(self, metrics: dict[str, float], elapsed: float, bar) -> None:
+        """Log to JSON lines every ``log_every`` steps and to W&B every ``wandb_log_frequency``."""
+        st, cfg = self.state, self.cfg
+        last = st.step == cfg.total_steps
+        to_file = st.step % cfg.log_every == 0 or last
+        to_wandb = cfg.log_to_wandb and (st.step % cfg.wandb_log_frequency == 0 or last)
+        if not (to_file or to_wandb):
+            return
+        record = self._record(metrics, elapsed)
+        if to_file:
+            st.history.append(record)
+            if self.logger is not None:
+                self.logger.write(record)
+            bar.set_postfix(mse=f"{metrics['mse_loss']:.3g}", l0=f"{metrics['l0']:.1f}",
+                            ev=f"{metrics['explained_variance']:.3f}")
+        if to_wandb and self.logger is not None:
+            self.logger.to_wandb(record)
+
+    # --------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: SAE, Adam, counters, torch RNG."""
+        return {"sae": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "trainer": self.state.to_dict(), "rng": torch.get_rng_state()}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Inverse of :meth:`state_dict` (the SAE and optimiser must have the saved shapes)."""
+        self.sae.load_state_dict(saved["sae"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        for name, value in saved["trainer"].items():
+            setattr(self.state, name, value.cpu() if isinstance(value, torch.Tensor) else value)
+        torch.set_rng_state(saved["rng"].cpu())
+
+
+@torch.no_grad()
+def resample_dead_latents(trainer: Trainer, x: torch.Tensor, x_hat: torch.Tensor) -> int:
+    """Restart the dead latents on inputs the SAE reconstructs worst; returns how many.
+
+    Recipe (Bricken et al. 2023, "Towards Monosemanticity", appendix "Neuron resampling"):
+    draw one input per dead latent with probability ∝ its squared reconstruction loss
+    ``||x - x̂||²``; the latent's decoder row becomes the unit direction of that input (centred
+    by ``b_dec``), its encoder column that direction times 0.2 × the mean encoder norm of alive
+    latents, its biases reset; Adam's moments for those entries are zeroed. Uses torch's global
+    RNG (saved in checkpoints).
+    """
+    sae, dead = trainer.sae, trainer.dead_mask()
+    ids = dead.nonzero().squeeze(1).to(sae.W_dec.device)
+    if ids.numel() == 0:
+        return 0
+    loss = (x - x_hat).pow(2).sum(-1).double()
+    picks = torch.multinomial(loss.pow(2) + 1e-30, ids.numel(), replacement=True)
+    directions = x[picks] - sae.b_dec
+    directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    alive = ~dead.to(sae.W_enc.device)
+    enc_norm = sae.W_enc[:, alive].norm(dim=0).mean().item() if alive.any() else 1.0
+    sae.reinit_latents(ids, directions, 0.2 * enc_norm)
+    _reset_adam_entries(trainer.optimizer, sae, ids)
+    trainer.state.steps_since_fired[dead] = 0
+    return ids.numel()
+
+
+def _reset_adam_entries(optimizer: torch.optim.Optimizer, sae: SAE, ids: torch.Tensor) -> None:
+    """Zero Adam's moments at latents ``ids`` of every per-latent parameter."""
+    for name, param in sae.named_parameters():
+        dim = 1 if name == "W_enc" else 0 if param.dim() and param.shape[0] == sae.cfg.d_sae else None
+        state = optimizer.state.get(param)
+        if dim is None or not state:
+            continue
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key].index_fill_(dim, ids, 0.0)
 
 
 def _batch_explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
@@ -282,15 +394,61 @@ def init_b_dec(sae: SAE, sample: torch.Tensor, method: str) -> None:
         sae.b_dec.zero_()
 
 
+def build_sae(cfg: TrainConfig, d_in: int, hook: str, model_name: str, metadata: dict[str, Any]) -> SAE:
+    """The untrained SAE ``cfg`` describes (architecture fields copied into its SAEConfig)."""
+    k = cfg.k if cfg.architecture in ARCHITECTURE_FIELDS["k"] else None
+    if cfg.architecture == "topk":
+        k = int(k)
+    sae_cfg = SAEConfig(
+        architecture=cfg.architecture, d_in=d_in, d_sae=cfg.d_sae, k=k, hook_name=hook,
+        model_name=model_name, dtype=cfg.dtype, device=cfg.device,
+        apply_b_dec_to_input=cfg.apply_b_dec_to_input, aux_k_coefficient=cfg.aux_loss_coefficient,
+        topk_threshold_lr=cfg.topk_threshold_lr, matryoshka_widths=list(cfg.matryoshka_widths),
+        jumprelu_init_threshold=cfg.jumprelu_init_threshold, jumprelu_bandwidth=cfg.jumprelu_bandwidth,
+        jumprelu_sparsity_loss_mode=cfg.jumprelu_sparsity_loss_mode,
+        jumprelu_tanh_scale=cfg.jumprelu_tanh_scale, pre_act_loss_coefficient=cfg.pre_act_loss_coefficient,
+        use_ghost_grads=cfg.use_ghost_grads, metadata=metadata)
+    return get_architecture(cfg.architecture)(sae_cfg)
+
+
+def _wandb_args(cfg: TrainConfig, out: Path) -> dict[str, Any] | None:
+    if not cfg.log_to_wandb:
+        return None
+    name = cfg.run_name or f"{cfg.architecture}-{cfg.d_sae}-LR-{cfg.lr}-Tokens-{cfg.training_tokens:3.3e}"
+    return {"project": cfg.wandb_project, "entity": cfg.wandb_entity, "name": name,
+            "config": cfg.to_dict(), "dir": str(out)}
+
+
+def _start_or_resume(cfg: TrainConfig, out: Path) -> dict[str, Any] | None:
+    """Prepare the output folder; with ``resume_from_checkpoint`` return the saved state instead.
+
+    Raises:
+        ConfigError: see :func:`prepare_output`; or the checkpoint is missing or was written
+            with a config that differs in a field that shapes the run.
+    """
+    if cfg.resume_from_checkpoint is None:
+        prepare_output(out, cfg.overwrite, Path(cfg.cache_path))
+        return None
+    folder = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.checkpoint_dir)
+    saved = load_checkpoint_state(folder)
+    check_resumable(saved["config"], cfg.to_dict())
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"note: resuming from {folder} (step {saved['trainer']['step']} of {cfg.total_steps})")
+    return saved
+
+
 def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     """Stage 2 in the library: train one SAE on ``cfg.cache_path`` and save it to ``cfg.output_path``.
 
     Writes ``cfg.json``, ``sae_weights.safetensors``, ``sparsity.safetensors`` (SAELens layout),
-    ``train_config.yaml`` and ``metrics.jsonl``.
+    ``train_config.yaml`` and ``metrics.jsonl``; ``n_checkpoints`` checkpoints under
+    ``cfg.checkpoint_dir``. With ``resume_from_checkpoint`` it continues a stopped run and ends with
+    the same weights as an uninterrupted run of the same config.
 
     Raises:
         CacheError: the cache is missing, incomplete, or lacks ``cfg.hook_name``.
-        ConfigError: ``cfg.d_in`` disagrees with the cache, or the output folder is not empty.
+        ConfigError: ``cfg.d_in`` disagrees with the cache, the output folder is not empty, or the
+            checkpoint to resume from is missing or from a different config.
         TrainingError: the loss became NaN/Inf.
     """
     torch.manual_seed(cfg.seed)
@@ -303,15 +461,12 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
             f"remove d_in or set it to {d_in}."
         )
     out = Path(cfg.output_path)
-    prepare_output(out, cfg.overwrite, Path(cfg.cache_path))
+    saved = _start_or_resume(cfg, out)
     exclude = cache.special_token_ids if cfg.exclude_special_tokens else []
     scale = activation_scale(cache.statistics(hook)["mean_norm"], d_in, cfg.normalize_activations)
-    sae_cfg = SAEConfig(architecture=cfg.architecture, d_in=d_in, d_sae=cfg.d_sae,
-                        k=cfg.k if cfg.architecture == "topk" else None, hook_name=hook,
-                        model_name=cache.attrs["model_name"], dtype=cfg.dtype, device=cfg.device,
-                        aux_k_coefficient=cfg.aux_loss_coefficient, metadata=_sae_metadata(cache))
-    sae = get_architecture(cfg.architecture)(sae_cfg)
-    init_b_dec(sae, sample_activations(cache, hook, 16_384, cfg.seed, exclude) * scale, cfg.b_dec_init_method)
+    sae = build_sae(cfg, d_in, hook, cache.attrs["model_name"], _sae_metadata(cache))
+    if saved is None:
+        init_b_dec(sae, sample_activations(cache, hook, 16_384, cfg.seed, exclude) * scale, cfg.b_dec_init_method)
     loader = ActivationLoader(cache, hook, batch_size=cfg.train_batch_size_tokens,
                               shuffle_buffer_tokens=cfg.shuffle_buffer_tokens, seed=cfg.seed,
                               num_workers=cfg.num_workers, prefetch_batches=cfg.prefetch_batches,
@@ -319,16 +474,37 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     for note in _budget_notes(cfg, loader.rows_per_epoch()):
         print(f"note: {note}")
     cfg.save_yaml(out / TRAIN_CONFIG_FILENAME)
-    with open(out / METRICS_LOG_FILENAME, "w") as log_file:
-        def log(record):
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-
-        trainer = Trainer(sae, cfg, log)
+    start = saved["trainer"]["step"] if saved else 0
+    if saved is None:
+        (out / METRICS_LOG_FILENAME).unlink(missing_ok=True)
+    else:
+        MetricsLogger.truncate_after(out / METRICS_LOG_FILENAME, start)
+    sparsity_name = {"l0_coefficient": "l0_loss"}.get(sae.sparsity_coefficient_name or "", "l1_loss")
+    logger = MetricsLogger(out / METRICS_LOG_FILENAME, sparsity_name, _wandb_args(cfg, out))
+    try:
+        trainer = Trainer(sae, cfg, logger, on_checkpoint=lambda t: _checkpoint(t, scale))
+        if saved is not None:
+            trainer.load_state_dict(saved)
         t0 = time.perf_counter()
-        state = trainer.fit((x * scale for x in loader.batches(cfg.total_steps)), progress=progress)
+        batches = loader.batches(cfg.total_steps - start, skip=start)
+        state = trainer.fit((x * scale for x in batches), progress=progress)
         elapsed = time.perf_counter() - t0
+    finally:
+        logger.close()
     sae.fold_activation_scale(scale)
-    density = state.feature_density if state.feature_density is not None else torch.zeros(cfg.d_sae)
-    sae.save(out, sparsity=torch.log10(density.clamp_min(1e-10)))
-    return TrainResult(sae, out, state.tokens_seen / elapsed if elapsed else 0.0, state)
+    sae.save(out, sparsity=_log_density(state, cfg.d_sae))
+    return TrainResult(sae, out, (state.tokens_seen - start * cfg.train_batch_size_tokens) / elapsed
+                       if elapsed else 0.0, state)
+
+
+def _log_density(state: TrainerState, d_sae: int) -> torch.Tensor:
+    density = state.feature_density if state.feature_density is not None else torch.zeros(d_sae)
+    return torch.log10(density.clamp_min(1e-10))
+
+
+def _checkpoint(trainer: Trainer, scale: float) -> None:
+    cfg = trainer.cfg
+    state = {**trainer.state_dict(), "config": cfg.to_dict()}
+    folder = save_checkpoint(checkpoint_folder(cfg.checkpoint_dir, trainer.state.step), trainer.sae, scale,
+                             _log_density(trainer.state, cfg.d_sae), state)
+    tqdm.write(f"checkpoint: {folder}")

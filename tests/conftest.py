@@ -60,3 +60,18 @@ def id_cache(tmp_path):
     acts[:, 0] = np.arange(n)
     tokens = (np.arange(n).reshape(n_seqs, ctx) % 50 + 10).astype(np.int32)
     return write_synthetic_cache(tmp_path / "ids", acts, tokens, chunk_tokens=64, n_holdout_chunks=2)
+
+
+@pytest.fixture(scope="session")
+def real_cache(tmp_path_factory, shared_data, smollm2):
+    """SmolLM2-135M ``blocks.8.hook_resid_post`` activations of 49,152 WikiText-2 tokens (8,192 held out)."""
+    from pipeline.cache import ActivationCache
+    from pipeline.config import HarvestConfig
+    from pipeline.harvest import harvest
+
+    out = tmp_path_factory.mktemp("real") / "cache"
+    cfg = HarvestConfig(dataset_path=str(shared_data / "wikitext2_raw" / "wiki.test.raw"),
+                        hook_names=["blocks.8.hook_resid_post"], context_size=128, n_tokens=49_152,
+                        holdout_tokens=8192, output_path=str(out))
+    harvest(cfg, model=smollm2)
+    return ActivationCache.open(out)

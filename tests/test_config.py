@@ -97,3 +97,47 @@ def test_misspelled_section_is_an_error(tmp_path):
 def test_fields_the_architecture_ignores_warn():
     with pytest.warns(UserWarning, match="'k' is ignored by architecture 'standard'"):
         TrainConfig.from_dict({"architecture": "standard", "k": 8})
+
+
+def test_a_flat_saelens_runner_config_is_understood_field_by_field():
+    saelens = dict(architecture="topk", activation_fn="topk", activation_fn_kwargs={"k": 50}, d_sae=2304,
+                   l1_coefficient=2, l1_warm_up_steps=100, lr=3e-4, lr_scheduler_name="cosineannealing",
+                   lr_warm_up_steps=10, lr_decay_steps=20, train_batch_size_tokens=2048,
+                   training_tokens=409_600, use_ghost_grads=False, dead_feature_window=500,
+                   feature_sampling_window=1000, dead_feature_threshold=1e-6,
+                   normalize_activations="expected_average_only_in", n_checkpoints=4,
+                   checkpoint_path="ckpts", log_to_wandb=False, wandb_project="proj",
+                   store_batch_size_prompts=16, n_batches_in_buffer=64, context_size=128,
+                   hook_name="blocks.8.hook_resid_post", d_in=576)
+    with pytest.warns(UserWarning) as caught:
+        cfg = TrainConfig.from_dict(saelens)
+    messages = " | ".join(str(w.message) for w in caught)
+    for ignored in ("store_batch_size_prompts", "n_batches_in_buffer", "context_size", "dead_feature_threshold",
+                    "'l1_coefficient' is ignored by architecture 'topk'",
+                    "'l1_warm_up_steps' is ignored by architecture 'topk'"):
+        assert ignored in messages
+    assert (cfg.architecture, cfg.k, cfg.d_sae, cfg.d_in, cfg.hook_name) == ("topk", 50, 2304, 576,
+                                                                             "blocks.8.hook_resid_post")
+    assert (cfg.lr, cfg.lr_scheduler_name, cfg.lr_warm_up_steps, cfg.lr_decay_steps) == (3e-4, "cosineannealing", 10, 20)
+    assert (cfg.n_checkpoints, str(cfg.checkpoint_dir), cfg.wandb_project) == (4, "ckpts", "proj")
+    assert (cfg.dead_feature_window, cfg.feature_sampling_window, cfg.total_steps) == (500, 1000, 200)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"architecture": "batchtopk", "k": 40.5, "d_sae": 32}, "k \\(40.5\\) must not exceed d_sae \\(32\\)"),
+    ({"architecture": "topk", "k": 2.5}, "topk needs a whole k"),
+    ({"architecture": "jumprelu", "jumprelu_sparsity_loss_mode": "quadratic"}, "jumprelu_sparsity_loss_mode must be one of"),
+    ({"architecture": "matryoshk"}, "architecture must be one of"),
+    ({"activation_fn": "softplus"}, "activation_fn 'softplus' is not supported"),
+    ({"n_checkpoints": 10, "training_tokens": 4096 * 5}, "n_checkpoints \\(10\\) exceeds the 5 training steps"),
+])
+def test_bad_architecture_settings_are_named(data, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_dict(data)
+
+
+def test_saelens_matryoshka_name_and_fractional_batchtopk_k():
+    assert TrainConfig.from_dict({"architecture": "matryoshka_batchtopk"}).architecture == "matryoshka"
+    assert TrainConfig.from_dict({"architecture": "batchtopk", "k": "40.5"}).k == 40.5
+    with pytest.warns(UserWarning, match="'matryoshka_widths' is ignored by architecture 'topk'"):
+        TrainConfig.from_dict({"architecture": "topk", "matryoshka_widths": [8, 16]})

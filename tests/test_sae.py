@@ -243,7 +243,7 @@ def test_config_round_trip_and_unknown_keys():
 
 
 def test_registry_and_architecture_checks():
-    assert set(ARCHITECTURES) == {"standard", "topk"}
+    assert {"standard", "topk", "gated"} <= set(ARCHITECTURES)
     assert get_architecture("topk") is TopKSAE
     with pytest.raises(ConfigError, match="did you mean 'topk'"):
         get_architecture("topK")

@@ -154,7 +154,7 @@ def test_malformed_cfg(saved):
         ({"d_sae": "32"}, "d_sae"),
         ({"dtype": "float64"}, "dtype"),
         ({"dtype": "int8"}, "dtype"),
-        ({"architecture": "gated"}, "architecture"),
+        ({"architecture": "transcoder"}, "architecture"),  # a SAELens architecture we do not register
         ({"k": 0}, "k"),
         ({"reshape_activations": "hook_z"}, "reshape_activations"),
         ({"normalize_activations": "layer_norm"}, "normalize_activations"),
@@ -200,3 +200,16 @@ def test_read_cfg_of_pre_6_sae_lens_config(tmp_path):
     cfg = read_cfg(tmp_path)
     assert (cfg.architecture, cfg.k, cfg.hook_name, cfg.model_name, cfg.dtype) == (
         "topk", 4, "blocks.2.hook_resid_pre", "gpt2", "float32")
+
+
+def test_all_ones_scaling_factor_is_dropped_and_others_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    sae = get_architecture("standard")(SAEConfig("standard", d_in=8, d_sae=16))
+    folder = sae.save(tmp_path / "s")
+    state = load_file(str(folder / "sae_weights.safetensors"))
+    save_file({**state, "scaling_factor": torch.ones(16)}, str(folder / "sae_weights.safetensors"))
+    assert torch.equal(SAE.load(folder).W_enc, state["W_enc"])
+    save_file({**state, "scaling_factor": torch.full((16,), 2.0)}, str(folder / "sae_weights.safetensors"))
+    with pytest.raises(SAEFormatError, match="scaling_factor that is not all ones"):
+        SAE.load(folder)

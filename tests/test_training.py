@@ -106,3 +106,105 @@ def test_nan_loss_stops_with_the_step():
     x[0, 0] = float("nan")
     with pytest.raises(TrainingError, match="at step 0"):
         trainer.step(x)
+
+
+def _small_cfg(cache, tmp_path, name, **kw):
+    base = dict(cache_path=str(cache.path), d_sae=32, k=4, l1_coefficient=0.5, lr=3e-3,
+                train_batch_size_tokens=128, training_tokens=128 * 40, shuffle_buffer_tokens=512,
+                log_every=5, output_path=str(tmp_path / name), seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "sae_weights.safetensors"))
+
+
+@pytest.mark.parametrize("architecture", ["topk", "standard"])
+def test_resumed_run_ends_with_the_uninterrupted_weights(tmp_path, architecture):
+    import shutil
+
+    cache, _ = _low_rank_cache(tmp_path)
+    full = train(_small_cfg(cache, tmp_path, "full", architecture=architecture, n_checkpoints=4,
+                            resample_dead_latents=True, feature_sampling_window=7, dead_feature_window=3),
+                 progress=False)
+    ckpts = sorted((tmp_path / "full" / "checkpoints").iterdir())
+    assert [p.name for p in ckpts] == [f"step_{s:09d}" for s in (10, 20, 30, 40)]
+    # a run stopped after step 20: its folder holds the first two checkpoints and a partial log
+    stopped = tmp_path / "stopped"
+    shutil.copytree(tmp_path / "full", stopped)
+    for p in ckpts[2:]:
+        shutil.rmtree(stopped / "checkpoints" / p.name)
+    for name in ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors"):
+        (stopped / name).unlink()
+    resumed = train(_small_cfg(cache, tmp_path, "stopped", architecture=architecture, n_checkpoints=4,
+                               resample_dead_latents=True, feature_sampling_window=7, dead_feature_window=3,
+                               resume_from_checkpoint="latest"), progress=False)
+    a, b = _weights(tmp_path / "full"), _weights(stopped)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (stopped / METRICS_LOG_FILENAME).read_text().splitlines()]
+    assert steps == list(range(5, 41, 5))
+    assert resumed.state.tokens_seen == full.state.tokens_seen == 128 * 40
+    # every checkpoint is itself a loadable SAE
+    assert SAE.load(ckpts[0]).cfg.architecture == architecture
+
+
+def test_resume_refuses_a_changed_config_and_a_missing_checkpoint(tmp_path):
+    cache, _ = _low_rank_cache(tmp_path)
+    train(_small_cfg(cache, tmp_path, "run", n_checkpoints=2), progress=False)
+    with pytest.raises(ConfigError, match="lr: checkpoint 0.003, now 0.001"):
+        train(_small_cfg(cache, tmp_path, "run", n_checkpoints=2, lr=1e-3, resume_from_checkpoint="latest"),
+              progress=False)
+    with pytest.raises(ConfigError, match="holds no complete checkpoint"):
+        train(_small_cfg(cache, tmp_path, "other", resume_from_checkpoint="latest"), progress=False)
+
+
+def test_resampling_restarts_dead_latents_along_badly_reconstructed_inputs():
+    from pipeline.sae import SAEConfig, get_architecture
+    from pipeline.training import resample_dead_latents
+
+    torch.manual_seed(0)
+    sae = get_architecture("standard")(SAEConfig(architecture="standard", d_in=8, d_sae=16))
+    trainer = Trainer(sae, TrainConfig(architecture="standard", d_sae=16, dead_feature_window=2))
+    x = torch.randn(32, 8)
+    out = sae.training_loss(x, sparsity_coefficient=1.0)
+    out.loss.backward()
+    trainer.optimizer.step()
+    trainer.state.steps_since_fired[:4] = 5  # latents 0-3 dead
+    x_hat = torch.zeros_like(x)
+    x_hat[1:] = x[1:]  # only input 0 is badly reconstructed: every draw must pick it
+    assert resample_dead_latents(trainer, x, x_hat) == 4
+    direction = (x[0] - sae.b_dec) / (x[0] - sae.b_dec).norm()
+    for i in range(4):
+        assert torch.allclose(sae.W_dec[i], direction, atol=1e-6)
+        assert torch.allclose(sae.W_enc[:, i] / sae.W_enc[:, i].norm(), direction, atol=1e-6)
+        assert sae.b_enc[i] == 0
+        assert trainer.optimizer.state[sae.W_dec]["exp_avg"][i].abs().sum() == 0
+    assert trainer.optimizer.state[sae.W_dec]["exp_avg"][4:].abs().sum() > 0
+    assert not trainer.dead_mask().any()
+
+
+def test_wandb_gets_saelens_metric_names_offline(tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logged = []
+    real_init = wandb.init
+
+    def spy_init(**kw):
+        run = real_init(**kw)
+        real_log = run.log
+        run.log = lambda data, step=None: (logged.append((step, data)), real_log(data, step=step))
+        return run
+
+    monkeypatch.setattr(wandb, "init", spy_init)
+    cache, _ = _low_rank_cache(tmp_path)
+    train(_small_cfg(cache, tmp_path, "wb", architecture="standard", log_to_wandb=True, wandb_log_frequency=10),
+          progress=False)
+    assert [step for step, _ in logged] == [10, 20, 30, 40]
+    keys = set(logged[-1][1])
+    assert {"losses/mse_loss", "losses/l1_loss", "losses/overall_loss", "metrics/l0",
+            "metrics/explained_variance", "sparsity/dead_features", "details/current_learning_rate"} <= keys
+    assert list((tmp_path / "wb" / "wandb").glob("offline-run-*"))

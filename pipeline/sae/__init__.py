@@ -8,12 +8,20 @@
 """
 
 from pipeline.sae.base import SAE, SAEConfig, SparseLatents, TrainStepOutput
+from pipeline.sae.batchtopk import BatchTopKSAE
+from pipeline.sae.gated import GatedSAE
+from pipeline.sae.jumprelu import JumpReLUSAE
+from pipeline.sae.matryoshka import MatryoshkaSAE
 from pipeline.sae.registry import ARCHITECTURES, get_architecture
 from pipeline.sae.standard import StandardSAE
 from pipeline.sae.topk import TopKSAE
 
 __all__ = [
     "ARCHITECTURES",
+    "BatchTopKSAE",
+    "GatedSAE",
+    "JumpReLUSAE",
+    "MatryoshkaSAE",
     "SAE",
     "SAEConfig",
     "SparseLatents",

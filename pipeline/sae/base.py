@@ -61,7 +61,8 @@ class SAEConfig:
         architecture: registry name, e.g. ``"standard"`` or ``"topk"``.
         d_in: width of the activations the SAE reads (the hook's last dimension).
         d_sae: number of latents.
-        k: active latents per token (``topk`` only; must be None for ``standard``).
+        k: active latents per token (``topk``; an integer) or on average over a batch
+            (``batchtopk``, ``matryoshka``; may be fractional); None for the L1/L0 architectures.
         hook_name: TransformerLens hook the activations come from, e.g. ``blocks.6.hook_resid_post``.
         model_name: model the activations come from.
         dtype: parameter dtype name (float32, float64, float16, bfloat16).
@@ -73,7 +74,19 @@ class SAEConfig:
             that requirement).
         k_aux: AuxK latents per token (``topk`` only); None means ``d_in // 2``
             (Gao et al. 2024, appendix A.2).
-        aux_k_coefficient: weight α of the AuxK loss (``topk`` only); Gao et al. use 1/32.
+        aux_k_coefficient: weight α of the AuxK loss (TopK family); Gao et al. use 1/32.
+        topk_threshold_lr: EMA rate of the inference threshold learnt by ``batchtopk`` and
+            ``matryoshka`` (Bussmann et al. 2024, §3.2; SAELens's name and default).
+        matryoshka_widths: increasing prefix widths ``m_1 < ... < m_n = d_sae`` (``matryoshka``).
+        jumprelu_init_threshold: initial threshold θ of every latent (``jumprelu``).
+        jumprelu_bandwidth: width ε of the straight-through rectangle kernel (``jumprelu``).
+        jumprelu_sparsity_loss_mode: ``"step"`` (L0 via the step function, Rajamanoharan et al.
+            2024b) or ``"tanh"`` (Anthropic's tanh penalty) for ``jumprelu``.
+        jumprelu_tanh_scale: c in ``tanh(c · f_i ||W_dec,i||)`` (``tanh`` mode).
+        pre_act_loss_coefficient: weight of Anthropic's pre-activation loss on dead latents
+            (``jumprelu``; None disables it).
+        use_ghost_grads: add the ghost-grad loss on dead latents (``standard``; Jermyn &
+            Templeton 2024, "Ghost grads").
         metadata: free-form provenance written into ``cfg.json``'s ``metadata`` (context_size,
             prepend_bos, dataset, ...). Values must be JSON-serialisable.
     """
@@ -81,7 +94,7 @@ class SAEConfig:
     architecture: str
     d_in: int
     d_sae: int
-    k: int | None = None
+    k: int | float | None = None
     hook_name: str = ""
     model_name: str = ""
     dtype: str = "float32"
@@ -90,6 +103,14 @@ class SAEConfig:
     normalize_activations: str = "none"
     k_aux: int | None = None
     aux_k_coefficient: float = 1.0 / 32.0
+    topk_threshold_lr: float = 0.01
+    matryoshka_widths: list[int] = field(default_factory=list)
+    jumprelu_init_threshold: float = 0.01
+    jumprelu_bandwidth: float = 0.05
+    jumprelu_sparsity_loss_mode: str = "step"
+    jumprelu_tanh_scale: float = 4.0
+    pre_act_loss_coefficient: float | None = None
+    use_ghost_grads: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -109,6 +130,7 @@ class SAEConfig:
         """A JSON-ready flat dict of every field (``metadata`` copied)."""
         out = dataclasses.asdict(self)
         out["metadata"] = dict(self.metadata)
+        out["matryoshka_widths"] = list(self.matryoshka_widths)
         return out
 
     @classmethod
@@ -171,6 +193,8 @@ class TrainStepOutput:
         feature_acts: ``[batch, d_sae]`` dense latents, or :class:`SparseLatents` for ``topk``;
             pass the whole output to :meth:`SAE.firing_counts` rather than reading it.
         sae_out: ``[batch, d_in]`` reconstruction (detached).
+        extra: further named scalars to log (e.g. ``ghost_grad_loss``, ``topk_threshold``,
+            ``inner_mse_loss_<width>``), as floats.
     """
 
     loss: Tensor
@@ -179,6 +203,19 @@ class TrainStepOutput:
     aux_loss: Tensor
     feature_acts: Tensor | SparseLatents
     sae_out: Tensor
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, loss: Tensor, mse_loss: Tensor, feature_acts: Tensor | SparseLatents, sae_out: Tensor,
+              sparsity_loss: Tensor | None = None, aux_loss: Tensor | None = None,
+              extra: dict[str, float] | None = None) -> TrainStepOutput:
+        """The output with every part but ``loss`` detached; absent losses are 0."""
+        zero = mse_loss.new_zeros(())
+        acts = feature_acts if isinstance(feature_acts, SparseLatents) else feature_acts.detach()
+        return cls(loss=loss, mse_loss=mse_loss.detach(),
+                   sparsity_loss=(zero if sparsity_loss is None else sparsity_loss).detach(),
+                   aux_loss=(zero if aux_loss is None else aux_loss).detach(),
+                   feature_acts=acts, sae_out=sae_out.detach(), extra=dict(extra or {}))
 
 
 class SAE(nn.Module):
@@ -189,6 +226,10 @@ class SAE(nn.Module):
     """
 
     architecture: ClassVar[str] = ""
+    # The TrainConfig field that weights sparsity_loss ("l1_coefficient", "l0_coefficient") and
+    # its warm-up field; None when the architecture fixes sparsity itself (TopK family).
+    sparsity_coefficient_name: ClassVar[str | None] = None
+    sparsity_warm_up_name: ClassVar[str | None] = None
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -198,12 +239,19 @@ class SAE(nn.Module):
                 f"{cfg.architecture!r}; use get_architecture({cfg.architecture!r}) instead."
             )
         self.cfg = cfg
-        kw = {"dtype": cfg.torch_dtype, "device": torch.device(cfg.device)}
+        self.create_parameters({"dtype": cfg.torch_dtype, "device": torch.device(cfg.device)})
+        self.reset_parameters()
+
+    def create_parameters(self, kw: dict[str, Any]) -> None:
+        """Register the parameters; ``kw`` holds the dtype and device. The default is SAELens's
+        four (``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``);
+        an architecture with other tensors (gated, jumprelu) overrides this. Every registered
+        parameter and buffer is saved, under its attribute name, in ``sae_weights.safetensors``."""
+        cfg = self.cfg
         self.W_enc = nn.Parameter(torch.empty(cfg.d_in, cfg.d_sae, **kw))
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **kw))
         self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, cfg.d_in, **kw))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **kw))
-        self.reset_parameters()
 
     # ----------------------------------------------------------------------------- inference
     def reset_parameters(self) -> None:
@@ -307,7 +355,51 @@ class SAE(nn.Module):
         self.b_dec.div_(scale)
         self.cfg.normalize_activations = "none"
 
+    @torch.no_grad()
+    def reinit_latents(self, ids: Tensor, directions: Tensor, encoder_norm: float) -> None:
+        """Restart latents ``ids: [n]`` along unit ``directions: [n, d_in]`` (dead-latent resampling).
+
+        ``W_dec[ids] ← directions`` (unit norm), ``W_enc[:, ids] ← encoder_norm · directionsᵀ``, and every other
+        per-latent ``[d_sae]`` tensor of the SAE (biases, gate parameters) is reset at ``ids`` to its
+        value after :meth:`reset_parameters` (Bricken et al. 2023, "Towards Monosemanticity",
+        appendix "Neuron resampling").
+        """
+        fresh = type(self)(dataclasses.replace(self.cfg, device=str(self.W_dec.device)))
+        self.W_dec[ids] = directions.to(self.W_dec.dtype)
+        self.W_enc[:, ids] = (encoder_norm * directions).T.to(self.W_enc.dtype)
+        for name, tensor in self.named_parameters():
+            if name != "b_dec" and tensor.dim() == 1 and tensor.shape[0] == self.cfg.d_sae:
+                tensor[ids] = getattr(fresh, name)[ids].to(tensor.dtype)
+
     # ------------------------------------------------------------------------------------ io
+    def export(self) -> tuple[SAEConfig, dict[str, Tensor]]:
+        """The config and tensors to save (default: ``self.cfg`` and every parameter and buffer).
+
+        An architecture saved as another (BatchTopK → JumpReLU, as SAELens does) overrides this.
+        """
+        return self.cfg, {name: t.detach() for name, t in self.state_dict().items()}
+
+    @classmethod
+    def saelens_cfg_fields(cls, cfg: SAEConfig) -> dict[str, Any]:
+        """Architecture-specific top-level keys of SAELens's ``cfg.json`` (default none)."""
+        return {}
+
+    @classmethod
+    def fields_from_saelens(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        """SAEConfig fields read from a SAELens ``cfg.json`` dict ``raw`` (inverse of
+        :meth:`saelens_cfg_fields`; default none)."""
+        return {}
+
+    @classmethod
+    def from_pretrained(cls, release: str, sae_id: str, device: str = "cpu"):
+        """``(sae, cfg_dict, sparsity)`` for a published SAELens release, as SAELens returns them.
+
+        See :func:`pipeline.sae.pretrained.from_pretrained` (resolution, caching, errors).
+        """
+        from pipeline.sae.pretrained import from_pretrained
+
+        return from_pretrained(release, sae_id, device=device)
+
     def save(self, path: str | Path, sparsity: Tensor | None = None) -> Path:
         """Write the SAE as a SAELens folder (see :mod:`pipeline.sae.io`); returns the folder.
 

@@ -4,11 +4,14 @@ A folder holds:
 
 - ``cfg.json`` — SAELens's flat config: ``d_in``, ``d_sae``, ``dtype``, ``device``,
   ``apply_b_dec_to_input``, ``normalize_activations``, ``reshape_activations``, ``architecture``,
-  for ``topk`` also ``k`` and ``rescale_acts_by_decoder_norm``, and a ``metadata`` dict
+  the architecture's own keys (``SAE.saelens_cfg_fields``: for ``topk`` ``k`` and
+  ``rescale_acts_by_decoder_norm``), and a ``metadata`` dict
   (``sae_lens_version``, ``hook_name``, ``model_name``, ... plus our own ``sae_pipeline`` entry
   with the training fields SAELens has no key for).
-- ``sae_weights.safetensors`` — exactly ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``,
-  ``W_dec [d_sae, d_in]``, ``b_dec [d_in]`` in ``cfg.json``'s dtype.
+- ``sae_weights.safetensors`` — exactly the tensors the architecture registers, under SAELens's
+  names: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``,
+  plus ``threshold [d_sae]`` (jumprelu; batchtopk and matryoshka are saved as jumprelu, as SAELens
+  saves them) or, for gated, ``b_gate``, ``r_mag``, ``b_mag`` in place of ``b_enc``.
 - ``sparsity.safetensors`` (optional) — one tensor ``sparsity [d_sae]``: log10 feature density,
   as SAELens's trainer writes it (:func:`log_feature_density`).
 
@@ -32,13 +35,12 @@ from pipeline import __version__
 from pipeline.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME
 from pipeline.errors import ConfigError, SAEFormatError
 from pipeline.sae.base import SAE, DTYPES, SAEConfig
-from pipeline.sae.registry import ARCHITECTURES
+from pipeline.sae.registry import ALIASES, ARCHITECTURES
 
 # The SAELens release whose folder layout we write; SAELens reads folders without a version (or
 # older than 6.0) through a legacy converter, so we state the layout we follow.
 SAELENS_FORMAT_VERSION = "6.54.12"
 PIPELINE_METADATA_KEY = "sae_pipeline"
-PARAMETER_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 _LAYOUT_METADATA_KEYS = ("sae_lens_version", "sae_lens_training_version", "hook_name", "model_name")
 
 
@@ -58,6 +60,13 @@ def _atomic_write(target: Path, write) -> None:
     os.replace(tmp, target)
 
 
+# SAEConfig fields that only training reads; kept in metadata.sae_pipeline so a reloaded SAE
+# resumes or fine-tunes with the same settings (SAELens has no keys for them).
+TRAINING_FIELDS = ("k_aux", "aux_k_coefficient", "topk_threshold_lr", "matryoshka_widths",
+                   "jumprelu_init_threshold", "jumprelu_bandwidth", "jumprelu_sparsity_loss_mode",
+                   "jumprelu_tanh_scale", "pre_act_loss_coefficient", "use_ghost_grads")
+
+
 def sae_cfg_dict(cfg: SAEConfig) -> dict[str, Any]:
     """``cfg`` as the ``cfg.json`` dict SAELens writes for this architecture."""
     metadata: dict[str, Any] = {
@@ -68,8 +77,8 @@ def sae_cfg_dict(cfg: SAEConfig) -> dict[str, Any]:
         **cfg.metadata,
     }
     ours: dict[str, Any] = {"version": __version__}
-    if cfg.architecture == "topk":
-        ours.update(k_aux=cfg.k_aux, aux_k_coefficient=cfg.aux_k_coefficient)
+    ours.update({name: getattr(cfg, name) for name in TRAINING_FIELDS})
+    ours["matryoshka_widths"] = list(cfg.matryoshka_widths)
     metadata[PIPELINE_METADATA_KEY] = ours
     out: dict[str, Any] = {
         "d_in": cfg.d_in,
@@ -81,9 +90,7 @@ def sae_cfg_dict(cfg: SAEConfig) -> dict[str, Any]:
         "reshape_activations": "none",
         "metadata": metadata,
     }
-    if cfg.architecture == "topk":
-        # We keep decoder rows at unit norm instead of rescaling latents by them.
-        out.update(k=cfg.k, rescale_acts_by_decoder_norm=False)
+    out.update(ARCHITECTURES[cfg.architecture].saelens_cfg_fields(cfg))
     out["architecture"] = cfg.architecture
     return out
 
@@ -99,16 +106,17 @@ def save_sae(sae: SAE, path: str | Path, sparsity: Tensor | None = None) -> Path
     """
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {name: getattr(sae, name).detach().cpu().contiguous() for name in PARAMETER_NAMES}
+    cfg, tensors = sae.export()
+    state = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     if sparsity is not None and tuple(sparsity.shape) != (sae.cfg.d_sae,):
         raise SAEFormatError(
             f"sparsity must have shape [d_sae]=[{sae.cfg.d_sae}], got {list(sparsity.shape)}; "
             "pass one log10 density per latent."
         )
-    cfg = sae_cfg_dict(sae.cfg)
-    cfg["dtype"] = _dtype_name(state["W_enc"].dtype)
+    cfg_json = sae_cfg_dict(cfg)
+    cfg_json["dtype"] = _dtype_name(state["W_dec"].dtype)
     _atomic_write(folder / SAE_WEIGHTS_FILENAME, lambda p: save_file(state, p))
-    _atomic_write(folder / SAE_CFG_FILENAME, lambda p: p.write_text(json.dumps(cfg, indent=2)))
+    _atomic_write(folder / SAE_CFG_FILENAME, lambda p: p.write_text(json.dumps(cfg_json, indent=2)))
     if sparsity is not None:
         tensor = sparsity.detach().float().cpu().contiguous()
         _atomic_write(folder / SPARSITY_FILENAME, lambda p: save_file({"sparsity": tensor}, p))
@@ -160,12 +168,12 @@ def _parse_cfg(path: str | Path) -> tuple[SAEConfig, bool]:
     if not isinstance(metadata, dict):
         raise SAEFormatError(f"{cfg_path}: 'metadata' must be an object, got {type(metadata).__name__}.")
     architecture = raw.get("architecture")
-    k = raw.get("k")
     kwargs_k = (raw.get("activation_fn_kwargs") or {}).get("k")
     if architecture is None:  # pre-6.0 SAELens: a topk activation or the standard SAE
         architecture = "topk" if raw.get("activation_fn") == "topk" and kwargs_k else "standard"
-    if architecture == "topk" and k is None:
-        k = kwargs_k
+    if architecture == "topk" and raw.get("k") is None:
+        raw["k"] = kwargs_k
+    architecture = ALIASES.get(architecture, architecture)
     if architecture not in ARCHITECTURES:
         raise SAEFormatError(
             f"{cfg_path}: architecture {architecture!r} is not supported; "
@@ -191,7 +199,6 @@ def _parse_cfg(path: str | Path) -> tuple[SAEConfig, bool]:
         architecture=architecture,
         d_in=raw["d_in"],
         d_sae=raw["d_sae"],
-        k=k if architecture == "topk" else None,
         hook_name=metadata.get("hook_name") or raw.get("hook_name") or raw.get("hook_point") or "",
         model_name=metadata.get("model_name") or raw.get("model_name") or "",
         dtype=raw.get("dtype", "float32"),
@@ -200,37 +207,48 @@ def _parse_cfg(path: str | Path) -> tuple[SAEConfig, bool]:
         normalize_activations=raw.get("normalize_activations", "none"),
         metadata=extra,
     )
-    for key in ("k_aux", "aux_k_coefficient"):
-        if architecture == "topk" and ours.get(key) is not None:
-            fields[key] = ours[key]
+    fields.update({key: ours[key] for key in TRAINING_FIELDS if ours.get(key) is not None})
     try:
+        fields.update(ARCHITECTURES[architecture].fields_from_saelens(raw))
         cfg = SAEConfig(**fields)
     except ConfigError as err:
         raise SAEFormatError(f"{cfg_path}: {err}") from None
-    if architecture == "topk" and (not isinstance(cfg.k, int) or not 0 < cfg.k <= cfg.d_sae):
-        raise SAEFormatError(f"{cfg_path}: topk needs an integer 'k' in [1, d_sae], got {cfg.k!r}.")
     return cfg, bool(raw.get("rescale_acts_by_decoder_norm", False))
 
 
-def _read_weights(weights_path: Path, cfg: SAEConfig) -> dict[str, Tensor]:
-    expected = {
-        "W_enc": (cfg.d_in, cfg.d_sae),
-        "b_enc": (cfg.d_sae,),
-        "W_dec": (cfg.d_sae, cfg.d_in),
-        "b_dec": (cfg.d_in,),
-    }
+def _ignorable_scaling_factor(f, weights_path: Path) -> set[str]:
+    """``{"scaling_factor"}`` when the file holds an all-ones one (SAELens wrote it, unused, for a
+    while in 2024 and drops it on load), else an empty set.
+
+    Raises:
+        SAEFormatError: a ``scaling_factor`` that is not all ones (SAELens's finetuning scaling).
+    """
+    if "scaling_factor" not in f.keys():
+        return set()
+    factor = f.get_tensor("scaling_factor")
+    if not torch.equal(factor, torch.ones_like(factor)):
+        raise SAEFormatError(
+            f"{weights_path} holds a finetuning scaling_factor that is not all ones; that SAELens "
+            "feature is not supported here: load this SAE with SAELens."
+        )
+    return {"scaling_factor"}
+
+
+def _read_weights(weights_path: Path, sae: SAE) -> dict[str, Tensor]:
+    """The tensors of ``weights_path``, checked against the names and shapes ``sae`` registers."""
+    expected = {name: tuple(t.shape) for name, t in sae.state_dict().items()}
     try:
         handle = safe_open(str(weights_path), framework="pt", device="cpu")
     except Exception as err:  # safetensors raises its own error types for damaged headers
         raise SAEFormatError(f"{weights_path} is not a readable safetensors file ({err}); re-save the SAE.") from None
     with handle as f:
-        names = set(f.keys())
+        names = set(f.keys()) - _ignorable_scaling_factor(f, weights_path)
         missing = sorted(set(expected) - names)
         unexpected = sorted(names - set(expected))
         if missing or unexpected:
             raise SAEFormatError(
-                f"{weights_path} has tensors {sorted(names)}; expected exactly {sorted(expected)} "
-                f"(missing {missing}, unexpected {unexpected}). Re-save the SAE."
+                f"{weights_path} has tensors {sorted(names)}; a {sae.cfg.architecture!r} SAE needs exactly "
+                f"{sorted(expected)} (missing {missing}, unexpected {unexpected}). Re-save the SAE."
             )
         state = {}
         for name, shape in expected.items():
@@ -238,15 +256,15 @@ def _read_weights(weights_path: Path, cfg: SAEConfig) -> dict[str, Tensor]:
             if tuple(tensor.shape) != shape:
                 raise SAEFormatError(
                     f"{weights_path}: {name} has shape {list(tensor.shape)} but cfg.json "
-                    f"(d_in={cfg.d_in}, d_sae={cfg.d_sae}) requires {list(shape)}; the weights and "
+                    f"(d_in={sae.cfg.d_in}, d_sae={sae.cfg.d_sae}) requires {list(shape)}; the weights and "
                     "cfg.json belong to different SAEs."
                 )
-            if tensor.dtype != cfg.torch_dtype:
-                raise SAEFormatError(
-                    f"{weights_path}: {name} is {tensor.dtype} but cfg.json says dtype="
-                    f"{cfg.dtype!r}; fix the dtype field or re-save the SAE."
-                )
             state[name] = tensor
+    if state["W_dec"].dtype != sae.cfg.torch_dtype:
+        raise SAEFormatError(
+            f"{weights_path}: W_dec is {state['W_dec'].dtype} but cfg.json says dtype="
+            f"{sae.cfg.dtype!r}; fix the dtype field or re-save the SAE."
+        )
     return state
 
 
@@ -268,12 +286,16 @@ def load_sae(path: str | Path, device: str = "cpu") -> SAE:
     if not folder.is_dir():
         raise SAEFormatError(f"SAE folder {folder} does not exist; check the path.")
     cfg, rescale = _parse_cfg(folder)
-    state = _read_weights(_require_file(folder, SAE_WEIGHTS_FILENAME), cfg)
     cfg.device = device
-    sae = ARCHITECTURES[cfg.architecture](cfg)
+    try:
+        sae = ARCHITECTURES[cfg.architecture](cfg)
+    except ConfigError as err:
+        raise SAEFormatError(f"{folder / SAE_CFG_FILENAME}: {err}") from None
+    state = _read_weights(_require_file(folder, SAE_WEIGHTS_FILENAME), sae)
+    targets = sae.state_dict()  # shares storage with the parameters and buffers
     with torch.no_grad():
         for name, tensor in state.items():
-            getattr(sae, name).copy_(tensor)
+            targets[name].copy_(tensor)
         if rescale:
             norms = sae.W_dec.norm(dim=1)
             sae.W_enc.mul_(norms)

@@ -11,6 +11,22 @@ update, "Update on how we train SAEs"):
   the older unit-norm constraint, so ``W_dec`` is left unconstrained.
 - init:    ``W_dec`` rows are random directions of norm 0.1 (April update), ``W_enc = W_decᵀ``,
   ``b_enc = 0``; ``b_dec`` = mean of a data sample (:meth:`initialize_from_activations`).
+- ghost grads (``cfg.use_ghost_grads``; Jermyn & Templeton 2024, Anthropic circuits update,
+  "Ghost Grads: An Improvement on Resampling"): an extra loss that gives dead latents a gradient.
+  With ``D`` the dead latents, ``h = (x - b_dec) W_enc + b_enc`` and residual ``r = x - x̂``:
+
+  1. ghost activations ``exp(h_D)`` (exponential instead of ReLU, dead latents only);
+  2. ghost output ``ĝ = exp(h_D) W_dec[D]``, rescaled per token to half the residual's norm,
+     ``g = sg(||r|| / (2 ||ĝ||)) ĝ``;
+  3. ``L_ghost_raw = mean_b Σ_d (g - sg(r))²``;
+  4. rescaled to equal the MSE numerically, ``L_ghost = sg(L_mse / L_ghost_raw) · L_ghost_raw``,
+     and added to the loss (sg = stop-gradient).
+
+  SAELens ≤ 3 (``calculate_ghost_grad_loss``) implements steps 1–3 the same way (its per-token
+  ``1e-6`` in step 2 aside) but divides element-wise in step 4, on ``[batch, d_in]`` squared
+  errors; we rescale with one batch-level ratio, the plain reading of the update's instruction
+  to make the ghost loss numerically equal to the MSE, which avoids element-wise divisions by
+  near-zero ghost errors (SAELens's per-element ratio is unbounded; ours is at most 4).
 """
 
 from __future__ import annotations
@@ -28,6 +44,8 @@ class StandardSAE(SAE):
     """ReLU SAE; parameters as in :class:`pipeline.sae.base.SAE`."""
 
     architecture = "standard"
+    sparsity_coefficient_name = "l1_coefficient"
+    sparsity_warm_up_name = "l1_warm_up_steps"
 
     def __init__(self, cfg: SAEConfig) -> None:
         if cfg.k is not None:
@@ -47,26 +65,62 @@ class StandardSAE(SAE):
     def training_loss(
         self, x: Tensor, *, sparsity_coefficient: float, dead_mask: Tensor | None = None
     ) -> TrainStepOutput:
-        """April-update loss of ``x: [batch, d_in]``.
+        """April-update loss of ``x: [batch, d_in]``, plus ghost grads when configured.
 
         ``mse_loss = mean_b Σ_d (x - x̂)²``, ``sparsity_loss = mean_b Σ_i f_i ||W_dec,i||₂``,
-        ``loss = mse_loss + sparsity_coefficient · sparsity_loss``; ``dead_mask`` is unused.
+        ``loss = mse_loss + sparsity_coefficient · sparsity_loss`` (+ ``ghost_grad_loss`` when
+        ``cfg.use_ghost_grads``; then ``extra["ghost_grad_loss"]`` is reported, 0.0 when no latent
+        is dead). ``dead_mask: [d_sae]`` bool (None: none dead) is read by ghost grads only.
+
+        Raises:
+            ValueError: ``x``'s last dimension is not ``d_in``.
         """
         self._check_d_in(x)
         x = x.to(self.W_enc.dtype)
-        feature_acts = self.encode(x)
+        hidden_pre = self.hidden_pre(x)
+        feature_acts = torch.relu(hidden_pre)
         sae_out = self.decode(feature_acts)
         mse_loss = (sae_out - x).pow(2).sum(-1).mean()
         sparsity_loss = (feature_acts @ self.W_dec.norm(dim=1)).mean()
         loss = mse_loss + sparsity_coefficient * sparsity_loss
-        return TrainStepOutput(
-            loss=loss,
-            mse_loss=mse_loss.detach(),
-            sparsity_loss=sparsity_loss.detach(),
-            aux_loss=loss.new_zeros(()).detach(),
-            feature_acts=feature_acts.detach(),
-            sae_out=sae_out.detach(),
+        extra: dict[str, float] = {}
+        if self.cfg.use_ghost_grads:
+            ghost = self.ghost_grad_loss(x, sae_out, hidden_pre, mse_loss, dead_mask)
+            if ghost is not None:
+                loss = loss + ghost
+            extra["ghost_grad_loss"] = 0.0 if ghost is None else float(ghost.detach())
+        return TrainStepOutput.build(
+            loss, mse_loss, feature_acts, sae_out,
+            sparsity_loss=sparsity_loss, extra=extra,
         )
+
+    def ghost_grad_loss(
+        self, x: Tensor, sae_out: Tensor, hidden_pre: Tensor, mse_loss: Tensor, dead_mask: Tensor | None
+    ) -> Tensor | None:
+        """Ghost-grad loss (module docstring, steps 1–4); None when no latent is dead.
+
+        Args:
+            x: ``[batch, d_in]`` input; ``sae_out``: its ``[batch, d_in]`` reconstruction.
+            hidden_pre: ``[batch, d_sae]`` encoder pre-activations (with their graph).
+            mse_loss: the scalar MSE the ghost loss is rescaled to.
+            dead_mask: ``[d_sae]`` bool, True for dead latents.
+
+        ``exp`` is taken after subtracting each token's (detached) largest dead pre-activation:
+        the per-token rescaling of step 2 cancels that constant factor exactly, in value and
+        gradient, and it keeps ``exp`` from overflowing.
+        """
+        if dead_mask is None or not bool(dead_mask.any()):
+            return None
+        dead = dead_mask.to(device=hidden_pre.device, dtype=torch.bool)
+        pre_dead = hidden_pre[:, dead]
+        acts = torch.exp(pre_dead - pre_dead.detach().amax(-1, keepdim=True))
+        ghost_out = acts @ self.W_dec[dead]
+        residual = (x - sae_out).detach()
+        tiny = torch.finfo(ghost_out.dtype).tiny
+        scale = residual.norm(dim=-1) / (2 * ghost_out.detach().norm(dim=-1).clamp_min(tiny))
+        raw = (scale[:, None] * ghost_out - residual).pow(2).sum(-1).mean()
+        # ||g - r|| ≥ ||r|| / 2 per token, so raw ≥ mse / 4 and the ratio below is at most 4.
+        return (mse_loss.detach() / raw.detach().clamp_min(tiny)) * raw
 
     @torch.no_grad()
     def initialize_from_activations(self, x_sample: Tensor) -> None:

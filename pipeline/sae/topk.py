@@ -25,6 +25,9 @@ backward from the selected entries and the decoder runs through ``embedding_bag`
 selected rows of ``W_dec``. :func:`topk_training_forward_dense` is the plain reference; tests
 check the two agree in outputs and gradients. Set ``TopKSAE.use_sparse_kernels = False`` to train
 on the reference path.
+
+Shared with ``batchtopk`` and ``matryoshka``: :class:`TopKFamilySAE` (unit-norm decoder, init,
+``b_dec``), :func:`aux_recon_dense`, :func:`aux_k_loss` and :func:`reconstruction_mse`.
 """
 
 from __future__ import annotations
@@ -192,6 +195,22 @@ def topk_training_forward_sparse(sae: TopKSAE, x: Tensor, dead_mask: Tensor | No
     return TopKForward(values, top.indices, sae_out, aux_recon)
 
 
+def aux_recon_dense(sae: SAE, pre: Tensor, dead_mask: Tensor | None) -> Tensor | None:
+    """AuxK reconstruction ``ê = f_aux W_dec`` from dense pre-activations ``pre: [batch, d_sae]``.
+
+    ``f_aux`` keeps, per token, the ``k_aux`` largest entries of ``pre`` among latents with
+    ``dead_mask: [d_sae]`` True, ReLU applied (Gao et al. 2024, appendix A.2). Returns
+    ``[batch, d_in]`` in the parameter dtype, or None when no latent is dead.
+    """
+    n_dead = 0 if dead_mask is None else int(dead_mask.sum())
+    if n_dead == 0:
+        return None
+    masked = pre.masked_fill(~dead_mask, float("-inf"))
+    aux_top = masked.topk(_aux_k(sae, n_dead), dim=-1, sorted=False)
+    aux_dense = torch.zeros_like(pre).scatter(-1, aux_top.indices, torch.relu(aux_top.values))
+    return aux_dense @ sae.W_dec
+
+
 def topk_training_forward_dense(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None) -> TopKForward:
     """Reference training forward: dense ``[batch, d_sae]`` latents and plain matmuls."""
     pre = sae.hidden_pre(x)
@@ -199,17 +218,90 @@ def topk_training_forward_dense(sae: TopKSAE, x: Tensor, dead_mask: Tensor | Non
     values = torch.relu(top.values)
     dense = torch.zeros_like(pre).scatter(-1, top.indices, values)
     sae_out = dense @ sae.W_dec + sae.b_dec
-    aux_recon = None
-    n_dead = 0 if dead_mask is None else int(dead_mask.sum())
-    if n_dead > 0:
-        masked = pre.masked_fill(~dead_mask, float("-inf"))
-        aux_top = masked.topk(_aux_k(sae, n_dead), dim=-1, sorted=False)
-        aux_dense = torch.zeros_like(pre).scatter(-1, aux_top.indices, torch.relu(aux_top.values))
-        aux_recon = aux_dense @ sae.W_dec
-    return TopKForward(values, top.indices, sae_out, aux_recon)
+    return TopKForward(values, top.indices, sae_out, aux_recon_dense(sae, pre, dead_mask))
 
 
-class TopKSAE(SAE):
+def reconstruction_mse(sae_out: Tensor, x: Tensor) -> Tensor:
+    """``mean_b Σ_d (x - x̂)²`` of ``[batch, d_in]`` tensors: the squared error every
+    architecture trains on (summed over d_in, averaged over tokens; SAELens's normalisation)."""
+    return (sae_out - x).pow(2).sum(-1).mean()
+
+
+def aux_k_loss(x: Tensor, sae_out: Tensor, aux_recon: Tensor | None) -> Tensor:
+    """AuxK loss ``L_aux = mean_b ||e - ê||²₂`` with ``e = x - x̂`` detached (Gao et al. 2024,
+    appendix A.2); a zero scalar when ``aux_recon`` is None (no dead latent)."""
+    if aux_recon is None:
+        return sae_out.new_zeros(())
+    return reconstruction_mse(aux_recon, (x - sae_out).detach())
+
+
+@torch.no_grad()
+def remove_parallel_grad(W_dec: Tensor) -> None:
+    """Remove from each row's gradient its component along the row, in place.
+
+    ``g_i ← g_i - (g_i·w_i / w_i·w_i) w_i`` (Bricken et al. 2023; Gao et al. 2024 A.4), so a step
+    moves rows tangentially to the unit sphere and the renormalisation after it is small.
+    ``W_dec: [d_sae, d_in]``; nothing happens when it has no gradient.
+    """
+    grad = W_dec.grad
+    if grad is None:
+        return
+    coef = (grad * W_dec).sum(1, keepdim=True) / (W_dec * W_dec).sum(1, keepdim=True).clamp_min(1e-30)
+    grad.sub_(coef * W_dec)
+
+
+@torch.no_grad()
+def normalize_rows(W_dec: Tensor) -> None:
+    """Rescale every row of ``W_dec: [d_sae, d_in]`` to unit L2 norm, in place."""
+    W_dec.div_(W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+class TopKFamilySAE(SAE):
+    """What ``topk``, ``batchtopk`` and ``matryoshka`` share: unit-norm decoder rows (tied init,
+    parallel-gradient removal, renormalisation), a geometric-median ``b_dec`` and AuxK's ``k_aux``.
+
+    Raises:
+        ConfigError: ``k_aux`` is set and not positive.
+    """
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        if cfg.k_aux is not None and cfg.k_aux <= 0:
+            raise ConfigError(f"k_aux must be positive (or None for d_in // 2), got {cfg.k_aux}.")
+        super().__init__(cfg)
+
+    def reset_parameters(self) -> None:
+        self.init_tied_weights(1.0)  # unit-norm decoder rows, kept unit norm during training
+
+    def _training_inputs(self, x: Tensor, dead_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``x: [batch, d_in]`` cast to the parameter dtype and ``dead_mask: [d_sae]`` as bool on
+        ``x``'s device (None stays None).
+
+        Raises:
+            ValueError: ``x`` is not 2-D or its last dimension is not ``d_in``.
+        """
+        self._check_d_in(x)
+        if x.dim() != 2:
+            raise ValueError(f"training_loss takes x: [batch, d_in], got shape {tuple(x.shape)}.")
+        if dead_mask is not None:
+            dead_mask = dead_mask.to(device=x.device, dtype=torch.bool)
+        return x.to(self.W_enc.dtype), dead_mask
+
+    @torch.no_grad()
+    def initialize_from_activations(self, x_sample: Tensor) -> None:
+        """``b_dec ← geometric_median(x_sample)`` over ``[n, d_in]`` (Gao et al. 2024, A.1)."""
+        self._check_d_in(x_sample)
+        self.b_dec.copy_(geometric_median(x_sample).to(self.b_dec.dtype))
+
+    def before_optimizer_step(self) -> None:
+        """Project the parallel component out of ``W_dec``'s gradient (:func:`remove_parallel_grad`)."""
+        remove_parallel_grad(self.W_dec)
+
+    def after_optimizer_step(self) -> None:
+        """Renormalise every ``W_dec`` row to unit L2 norm (:func:`normalize_rows`)."""
+        normalize_rows(self.W_dec)
+
+
+class TopKSAE(TopKFamilySAE):
     """TopK SAE; ``cfg.k`` latents are active per token. Parameters as in :class:`SAE`."""
 
     architecture = "topk"
@@ -220,12 +312,19 @@ class TopKSAE(SAE):
             raise ConfigError(
                 f"architecture 'topk' needs an integer k in [1, d_sae={cfg.d_sae}], got k={cfg.k!r}."
             )
-        if cfg.k_aux is not None and cfg.k_aux <= 0:
-            raise ConfigError(f"k_aux must be positive (or None for d_in // 2), got {cfg.k_aux}.")
         super().__init__(cfg)
 
-    def reset_parameters(self) -> None:
-        self.init_tied_weights(1.0)  # unit-norm decoder rows, kept unit norm during training
+    @classmethod
+    def saelens_cfg_fields(cls, cfg: SAEConfig) -> dict:
+        # We keep decoder rows at unit norm instead of rescaling latents by them.
+        return {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
+
+    @classmethod
+    def fields_from_saelens(cls, raw: dict) -> dict:
+        k = raw.get("k")
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 < k <= raw["d_sae"]:
+            raise ConfigError(f"topk needs an integer 'k' in [1, d_sae], got {k!r}.")
+        return {"k": k}
 
     def encode(self, x: Tensor) -> Tensor:
         """``f = ReLU(TopK(hidden_pre(x)))``: ``[..., d_in] → [..., d_sae]`` dense, parameter dtype."""
@@ -243,51 +342,13 @@ class TopKSAE(SAE):
         ``sparsity_coefficient`` is ignored (TopK fixes L0 = k); ``sparsity_loss`` is 0.
         ``dead_mask: [d_sae]`` bool selects the AuxK candidates.
         """
-        self._check_d_in(x)
-        if x.dim() != 2:
-            raise ValueError(f"training_loss takes x: [batch, d_in], got shape {tuple(x.shape)}.")
-        x = x.to(self.W_enc.dtype)
-        if dead_mask is not None:
-            dead_mask = dead_mask.to(device=x.device, dtype=torch.bool)
+        x, dead_mask = self._training_inputs(x, dead_mask)
         run = topk_training_forward_sparse if self.use_sparse_kernels else topk_training_forward_dense
         fwd = run(self, x, dead_mask)
-        mse_loss = (fwd.sae_out - x).pow(2).sum(-1).mean()
-        if fwd.aux_recon is None:
-            aux_loss = mse_loss.new_zeros(())
-        else:
-            residual = (x - fwd.sae_out).detach()
-            aux_loss = (fwd.aux_recon - residual).pow(2).sum(-1).mean()
+        mse_loss = reconstruction_mse(fwd.sae_out, x)
+        aux_loss = aux_k_loss(x, fwd.sae_out, fwd.aux_recon)
         loss = mse_loss + self.cfg.aux_k_coefficient * aux_loss
-        return TrainStepOutput(
-            loss=loss,
-            mse_loss=mse_loss.detach(),
-            sparsity_loss=mse_loss.new_zeros(()).detach(),
-            aux_loss=aux_loss.detach(),
-            feature_acts=SparseLatents(fwd.values.detach(), fwd.indices, self.cfg.d_sae),
-            sae_out=fwd.sae_out.detach(),
+        return TrainStepOutput.build(
+            loss, mse_loss, SparseLatents(fwd.values.detach(), fwd.indices, self.cfg.d_sae), fwd.sae_out,
+            aux_loss=aux_loss,
         )
-
-    @torch.no_grad()
-    def initialize_from_activations(self, x_sample: Tensor) -> None:
-        """``b_dec ← geometric_median(x_sample)`` over ``[n, d_in]`` (Gao et al. 2024, A.1)."""
-        self._check_d_in(x_sample)
-        self.b_dec.copy_(geometric_median(x_sample).to(self.b_dec.dtype))
-
-    @torch.no_grad()
-    def before_optimizer_step(self) -> None:
-        """Remove from each ``W_dec`` row's gradient its component along the row.
-
-        ``g_i ← g_i - (g_i·w_i / w_i·w_i) w_i`` (Bricken et al. 2023; Gao et al. 2024 A.4), so the
-        step moves rows tangentially to the unit sphere and the renormalisation after it is small.
-        """
-        grad = self.W_dec.grad
-        if grad is None:
-            return
-        w = self.W_dec
-        coef = (grad * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True).clamp_min(1e-30)
-        grad.sub_(coef * w)
-
-    @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        """Renormalise every ``W_dec`` row to unit L2 norm."""
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
