@@ -95,8 +95,21 @@ def resolve_checkpoint(spec: str, checkpoint_dir: Path) -> Path:
 
 
 def load_checkpoint_state(folder: Path, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """The training state saved in ``folder`` (tensors mapped to ``device``)."""
-    return torch.load(Path(folder) / STATE_FILENAME, map_location=device, weights_only=True)
+    """The training state saved in ``folder`` (tensors mapped to ``device``).
+
+    Raises:
+        ConfigError: the file is damaged or not a training state (names the file and the fix).
+    """
+    path = Path(folder) / STATE_FILENAME
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(err).__name__}); it is damaged. "
+                          "Resume from an earlier step_* folder or start a new run.") from None
+    missing = {"sae", "optimizer", "trainer", "rng", "config"} - set(state if isinstance(state, dict) else ())
+    if missing:
+        raise ConfigError(f"checkpoint {path} lacks {sorted(missing)}; it was not written by this trainer.")
+    return state
 
 
 # Fields that may differ between the run that wrote a checkpoint and the run resuming it.

@@ -108,7 +108,6 @@ def saelens_registry() -> dict:
 
 
 def test_registry_matches_saelens_releases():
-    pytest.importorskip("sae_lens")
     ours = yaml.safe_load(files("pipeline.sae").joinpath("pretrained_saes.yaml").read_text())
     theirs = saelens_registry()
     assert len(ours["releases"]) >= 10

@@ -11,7 +11,7 @@ from pipeline.errors import ConfigError
 from pipeline.sae import SAE, BatchTopKSAE, JumpReLUSAE, MatryoshkaSAE, SAEConfig, get_architecture
 from pipeline.sae.batchtopk import batch_topk
 
-sae_lens = pytest.importorskip("sae_lens")
+import sae_lens  # noqa: E402  (a [test] dependency: missing means a broken install, not a skip)
 
 D_IN, D_SAE = 16, 64
 

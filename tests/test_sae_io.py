@@ -11,7 +11,7 @@ from pipeline.errors import SAEFormatError
 from pipeline.sae import SAE, SAEConfig, StandardSAE, TopKSAE, get_architecture
 from pipeline.sae.io import load_sparsity, log_feature_density, read_cfg
 
-sae_lens = pytest.importorskip("sae_lens")
+import sae_lens  # noqa: E402  (a [test] dependency: missing means a broken install, not a skip)
 
 
 def random_sae(architecture: str, dtype: str = "float32", **kw) -> SAE:

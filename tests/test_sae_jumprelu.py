@@ -6,7 +6,7 @@ import torch
 from pipeline.errors import ConfigError
 from pipeline.sae import SAE, JumpReLUSAE, SAEConfig, get_architecture
 
-sae_lens = pytest.importorskip("sae_lens")
+import sae_lens  # noqa: E402  (a [test] dependency: missing means a broken install, not a skip)
 
 D_IN, D_SAE = 16, 48
 

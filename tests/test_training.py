@@ -208,3 +208,18 @@ def test_wandb_gets_saelens_metric_names_offline(tmp_path, monkeypatch):
     assert {"losses/mse_loss", "losses/l1_loss", "losses/overall_loss", "metrics/l0",
             "metrics/explained_variance", "sparsity/dead_features", "details/current_learning_rate"} <= keys
     assert list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+
+
+def test_a_damaged_checkpoint_is_named_not_loaded(tmp_path):
+    from pipeline.checkpoint import STATE_FILENAME, load_checkpoint_state
+
+    (tmp_path / "step_000000010").mkdir()
+    state = tmp_path / "step_000000010" / STATE_FILENAME
+    torch.save({"sae": {}, "optimizer": {}, "trainer": {}, "rng": torch.zeros(1), "config": {}}, state)
+    assert set(load_checkpoint_state(state.parent)) == {"sae", "optimizer", "trainer", "rng", "config"}
+    state.write_bytes(state.read_bytes()[:40])
+    with pytest.raises(ConfigError, match="cannot be read .* damaged"):
+        load_checkpoint_state(state.parent)
+    torch.save({"weights": torch.zeros(2)}, state)
+    with pytest.raises(ConfigError, match="lacks .*not written by this trainer"):
+        load_checkpoint_state(state.parent)
