@@ -282,6 +282,7 @@ class TrainConfig(_Config):
     lr: float = 4e-4
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
+    max_grad_norm: float | None = 1.0
     lr_scheduler_name: str = "constant"
     lr_warm_up_steps: int = 0
     lr_decay_steps: int = 0
@@ -370,7 +371,7 @@ class TrainConfig(_Config):
         self._check_positive("d_sae", "k", "lr", "train_batch_size_tokens", "training_tokens",
                              "shuffle_buffer_tokens", "num_workers", "prefetch_batches", "log_every",
                              "dead_feature_window", "feature_sampling_window", "d_in",
-                             "jumprelu_bandwidth", "wandb_log_frequency")
+                             "jumprelu_bandwidth", "wandb_log_frequency", "max_grad_norm")
         for name in ("l1_coefficient", "l0_coefficient", "aux_loss_coefficient", "n_checkpoints",
                      "jumprelu_init_threshold", "topk_threshold_lr"):
             if getattr(self, name) < 0:

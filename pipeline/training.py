@@ -8,15 +8,20 @@ The recipe, top to bottom (per step ``t`` of ``T = ceil(training_tokens / train_
    ``E||x||`` is the cache's recorded mean norm over non-special tokens), so every hook and model
    trains at the same loss scale. The scale is folded into the saved weights.
 2. loss ← ``sae.training_loss(x, sparsity_coefficient=λ_t, dead_mask)``: MSE plus the architecture's
-   sparsity term (standard: L1 weighted by decoder norms, λ warmed up linearly over
-   ``l1_warm_up_steps``) or auxiliary term (TopK: AuxK on the latents dead for
-   ``dead_feature_window`` steps).
-3. Adam step with learning rate ``lr`` warmed up linearly over ``lr_warm_up_steps`` and decayed
+   own terms (see each module of :mod:`pipeline.sae`): an L1 (standard, gated) or L0 (jumprelu)
+   penalty whose coefficient is warmed up over ``l1_warm_up_steps`` / ``l0_warm_up_steps``, or
+   AuxK (TopK family) / ghost grads (standard) on the latents dead for ``dead_feature_window`` steps.
+3. The global gradient norm is clipped to ``max_grad_norm`` (1.0, as SAELens's trainer does), then an
+   Adam step with learning rate ``lr`` warmed up linearly over ``lr_warm_up_steps`` and decayed
    linearly to 0 over the last ``lr_decay_steps`` (or cosine-annealed to lr/10 for
    ``lr_scheduler_name: cosineannealing``); the SAE's own hooks keep W_dec rows unit norm where the
    architecture asks for it.
-4. Every ``log_every`` steps a JSON line of losses, L0, explained variance, dead fraction, lr and
-   tokens/s goes to ``metrics.jsonl``; a NaN/Inf loss stops training with the step and statistics.
+4. Every ``log_every`` steps a JSON line of losses, L0, explained variance, dead/dense counts, lr
+   and tokens/s goes to ``metrics.jsonl`` (and to W&B under SAELens's names when asked, see
+   :mod:`pipeline.tracking`); a NaN/Inf loss stops training with the step and statistics.
+5. Optionally, dead latents are resampled every ``feature_sampling_window`` steps, and
+   ``n_checkpoints`` checkpoints are written (:mod:`pipeline.checkpoint`) from which a run resumes
+   exactly.
 """
 
 from __future__ import annotations
@@ -151,6 +156,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         self.sae.before_optimizer_step()
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), cfg.max_grad_norm)
         self.optimizer.step()
         self.sae.after_optimizer_step()
         counts = self.sae.firing_counts(out).to(torch.float64)

@@ -223,3 +223,18 @@ def test_a_damaged_checkpoint_is_named_not_loaded(tmp_path):
     torch.save({"weights": torch.zeros(2)}, state)
     with pytest.raises(ConfigError, match="lacks .*not written by this trainer"):
         load_checkpoint_state(state.parent)
+
+
+@pytest.mark.parametrize("max_grad_norm", [1.0, None])
+def test_gradient_norm_is_clipped_as_saelens_does(max_grad_norm):
+    from pipeline.sae import SAEConfig, get_architecture
+
+    torch.manual_seed(0)
+    sae = get_architecture("standard")(SAEConfig(architecture="standard", d_in=8, d_sae=16))
+    trainer = Trainer(sae, TrainConfig(architecture="standard", d_sae=16, max_grad_norm=max_grad_norm))
+    trainer.step(50 * torch.randn(64, 8))  # a loss of ~10^4: raw gradient norm far above 1
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in sae.parameters()]))
+    if max_grad_norm is None:
+        assert norm > 10
+    else:
+        assert norm == pytest.approx(1.0, rel=1e-4)

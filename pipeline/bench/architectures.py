@@ -56,7 +56,8 @@ How SAELens is set up to match our run
 
 Differences that remain (SAELens's trainer or model code, not settings)
 -----------------------------------------------------------------------
-* SAELens clips the global gradient norm to 1.0 every step; we do not clip.
+* Both clip the global gradient norm to 1.0 every step (our `max_grad_norm` default); ours clips
+  after projecting the decoder-row gradients (unit-norm architectures), SAELens has no projection.
 * TopK family: SAELens keeps the decoder free and divides by its row norms inside the
   forward pass (``rescale_acts_by_decoder_norm``, its default); ours keeps rows at unit norm by
   projecting the gradient and renormalising. SAELens scales AuxK by ``min(n_dead / k_aux, 1)``.
