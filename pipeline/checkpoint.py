@@ -134,3 +134,17 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any]) -> None:
             "cannot resume: the config differs from the checkpoint's in " + "; ".join(diffs)
             + ". Use the checkpoint's values (see its training_state.pt config) or start a new run."
         )
+
+
+def check_same_cache(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse to resume on a cache other than the one the checkpoint trained on.
+
+    Raises:
+        ConfigError: names the differing cache attributes.
+    """
+    diffs = [k for k in saved if saved[k] != current.get(k)]
+    if diffs:
+        raise ConfigError(
+            f"cannot resume: the cache at cache_path differs from the one the checkpoint trained on "
+            f"({', '.join(diffs)} changed). Point cache_path at the original harvest or start a new run."
+        )

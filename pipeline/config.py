@@ -10,6 +10,7 @@ no meaning when training from a cache is accepted with a warning that says why i
 from __future__ import annotations
 
 import difflib
+import math
 import typing
 import warnings
 from dataclasses import dataclass, field, fields
@@ -244,6 +245,21 @@ ARCHITECTURE_FIELDS: dict[str, tuple[str, ...]] = {
     "topk_threshold_lr": ("batchtopk", "matryoshka"),
     "matryoshka_widths": ("matryoshka",),
 }
+# SAELens LanguageModelSAERunnerConfig fields (6.x and older) about producing activations, which
+# the harvest fixed, and runner settings that mean nothing here: accepted with a warning.
+_SAELENS_ACTIVATION_FIELDS = (
+    "model_class_name", "hook_eval", "hook_head_index", "hook_layer", "hook_point", "hook_point_layer",
+    "dataset_trust_remote_code", "streaming", "is_dataset_tokenized", "use_chat_formatting",
+    "use_cached_activations", "cached_activations_path", "seqpos_slice", "disable_concat_sequences",
+    "sequence_separator_token", "activations_mixing_fraction", "llm_device", "act_store_device",
+    "prefetch_llm_batches", "autocast_lm", "compile_llm", "llm_compilation_mode", "model_kwargs",
+    "model_from_pretrained_kwargs", "n_batches_for_norm_estimate",
+)
+_SAELENS_RUNNER_FIELDS = (
+    "autocast", "compile_sae", "sae_compilation_mode", "n_restart_cycles", "n_eval_batches",
+    "eval_batch_size_prompts", "save_final_checkpoint", "verbose", "sae_lens_version",
+    "sae_lens_training_version", "eval_every_n_wandb_logs", "wandb_id", "wandb_log_frequency_eval",
+)
 ACTIVATION_FNS = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}
 
 
@@ -326,10 +342,29 @@ class TrainConfig(_Config):
             "decoder_init_norm": "each architecture initialises its decoder as its paper does",
             "dead_feature_threshold": "a latent is dead after dead_feature_window steps without firing "
                                       "(SAELens 6 never reads this field either)",
+            "lr_end": "cosine annealing ends at lr/10 (SAELens's default lr_end)",
+            "lp_norm": "the sparsity penalties are the L1 (lp_norm 1) or L0 of their papers",
+            "from_pretrained_path": "training starts from a fresh SAE; fine-tuning one is not supported",
+            **{name: cache for name in _SAELENS_ACTIVATION_FIELDS},
+            **{name: "a SAELens runner setting with no effect when training from a cache"
+               for name in _SAELENS_RUNNER_FIELDS},
         }
 
     @classmethod
     def _translate(cls, data: dict[str, Any]) -> dict[str, Any]:
+        for section in ("sae", "logger"):  # SAELens 6 nests these; their fields are ours, flat
+            if isinstance(data.get(section), dict):
+                data = {**data.pop(section), **data}
+        widths = data.get("matryoshka_widths")
+        if isinstance(widths, str):
+            data["matryoshka_widths"] = [_coerce("matryoshka_widths", w.strip(" []"), int)
+                                         for w in widths.split(",") if w.strip(" []")]
+        elif isinstance(widths, int):
+            data["matryoshka_widths"] = [widths]
+        if data.get("architecture") == "jumprelu" and "l1_coefficient" in data and "l0_coefficient" not in data:
+            warnings.warn("l1_coefficient is read as l0_coefficient for jumprelu (SAELens <= 5 named the "
+                          "JumpReLU L0 weight l1_coefficient)", stacklevel=3)
+            data["l0_coefficient"] = data.pop("l1_coefficient")
         kwargs = dict(data.pop("activation_fn_kwargs", None) or {})
         if "k" in kwargs:
             data.setdefault("k", kwargs.pop("k"))
@@ -354,8 +389,8 @@ class TrainConfig(_Config):
             raise ConfigError(f"activation_fn {act!r} is not supported; use one of {', '.join(ACTIVATION_FNS)} "
                               "or set architecture directly.")
         arch = data.setdefault("architecture", ACTIVATION_FNS[act])
-        expected = "relu" if arch in ("standard", "gated") else "topk" if arch == "matryoshka" else arch
-        if act != expected:
+        expected = "topk" if arch == "matryoshka" else arch if arch in ("topk", "batchtopk") else "relu"
+        if act != expected and not (act == "jumprelu" and arch == "jumprelu"):
             raise ConfigError(
                 f"activation_fn {act!r} does not match architecture {arch!r} (expects {expected!r}); "
                 "set architecture: topk for activation_fn: topk, or architecture: standard for relu."
@@ -376,6 +411,20 @@ class TrainConfig(_Config):
                      "jumprelu_init_threshold", "topk_threshold_lr"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        for name in ("l1_warm_up_steps", "l0_warm_up_steps", "lr_warm_up_steps", "lr_decay_steps", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        for name in ("lr", "l1_coefficient", "l0_coefficient", "aux_loss_coefficient", "jumprelu_init_threshold"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)}.")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must lie in [0, 1), got {getattr(self, name)}.")
+        if not 0 <= self.dense_feature_threshold <= 1:
+            raise ConfigError(f"dense_feature_threshold is a firing fraction in [0, 1], got {self.dense_feature_threshold}.")
+        if not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in self.matryoshka_widths):
+            raise ConfigError(f"matryoshka_widths must be a list of positive integers such as [128, 512, 4608], "
+                              f"got {self.matryoshka_widths!r}.")
         if self.architecture in ARCHITECTURE_FIELDS["k"] and self.k > self.d_sae:
             raise ConfigError(f"k ({self.k}) must not exceed d_sae ({self.d_sae}).")
         if self.architecture == "topk" and not float(self.k).is_integer():

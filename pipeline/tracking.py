@@ -120,4 +120,10 @@ def _start_wandb(run_args: dict[str, Any]):
     mode = os.environ.get("WANDB_MODE") or ("online" if network_reachable() else "offline")
     if mode == "offline":
         print("note: W&B runs offline (no network); upload later with `wandb sync`.")
-    return wandb.init(mode=mode, **run_args)
+    try:
+        return wandb.init(mode=mode, **run_args)
+    except Exception as err:  # wandb raises UsageError/CommError without a login or a server
+        raise ConfigError(
+            f"W&B could not start a {mode} run ({type(err).__name__}: {err}); run `wandb login`, "
+            "or set WANDB_MODE=offline, or drop --log-to-wandb."
+        ) from None

@@ -26,6 +26,7 @@ The recipe, top to bottom (per step ``t`` of ``T = ceil(training_tokens / train_
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -39,10 +40,11 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.cache import ActivationCache
-from pipeline.checkpoint import (check_resumable, checkpoint_folder, load_checkpoint_state,
-                                 resolve_checkpoint, save_checkpoint)
+from pipeline.checkpoint import (check_resumable, check_same_cache, checkpoint_folder, list_checkpoints,
+                                 load_checkpoint_state, resolve_checkpoint, save_checkpoint)
 from pipeline.config import ARCHITECTURE_FIELDS, TrainConfig
-from pipeline.constants import METRICS_LOG_FILENAME, SAE_CFG_FILENAME, TRAIN_CONFIG_FILENAME
+from pipeline.constants import (METRICS_LOG_FILENAME, SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME,
+                                TRAIN_CONFIG_FILENAME)
 from pipeline.errors import ConfigError, TrainingError
 from pipeline.loader import ActivationLoader
 from pipeline.sae import SAE, SAEConfig, get_architecture
@@ -346,9 +348,11 @@ def prepare_output(path: Path, overwrite: bool, cache_path: Path) -> None:
             )
         if not overwrite:
             what = "an SAE" if is_sae else "an unfinished training run (no cfg.json: it was interrupted)"
+            resume = " or --resume to continue it from its last checkpoint" if list_checkpoints(
+                path / "checkpoints") else ""
             raise ConfigError(
                 f"output_path {str(path)!r} already holds {what}. Nothing was changed. Pass --overwrite to "
-                "replace it, or choose another output_path."
+                f"replace it{resume}, or choose another output_path."
             )
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -379,6 +383,12 @@ def _sae_metadata(cache: ActivationCache) -> dict[str, Any]:
 def _budget_notes(cfg: TrainConfig, rows_per_epoch: int) -> list[str]:
     """What the user should know about how the token budget maps onto steps and epochs."""
     notes = []
+    if cfg.architecture in ARCHITECTURE_FIELDS["topk_threshold_lr"]:
+        covered = 1 - (1 - cfg.topk_threshold_lr) ** cfg.total_steps
+        if covered < 0.95:
+            notes.append(f"the inference threshold (an EMA at topk_threshold_lr {cfg.topk_threshold_lr}) covers only "
+                         f"{covered:.0%} of its way in {cfg.total_steps} steps, so the saved SAE's L0 will exceed k; "
+                         "train longer or raise topk_threshold_lr")
     steps_tokens = cfg.total_steps * cfg.train_batch_size_tokens
     if steps_tokens != cfg.training_tokens:
         notes.append(f"training_tokens {cfg.training_tokens:,} rounds up to {cfg.total_steps} whole batches "
@@ -426,7 +436,17 @@ def _wandb_args(cfg: TrainConfig, out: Path) -> dict[str, Any] | None:
             "config": cfg.to_dict(), "dir": str(out)}
 
 
-def _start_or_resume(cfg: TrainConfig, out: Path) -> dict[str, Any] | None:
+def cache_identity(cache: ActivationCache, hook: str) -> dict[str, Any]:
+    """What identifies the data a run trains on (checked when resuming): the cache's model and
+    dataset fingerprints, token ids hash, and the per-chunk CRC-32s of ``hook``'s activations."""
+    a = cache.attrs
+    identity = {key: a.get(key) for key in ("weights_fingerprint", "dataset_fingerprint", "tokens_sha256")}
+    crcs = [cache.recorded_checksum(hook, i) for i in range(cache.layout.n_chunks)]
+    identity["activation_checksums"] = hashlib.sha256(np.asarray(crcs, dtype=np.int64).tobytes()).hexdigest()
+    return identity
+
+
+def _start_or_resume(cfg: TrainConfig, out: Path, cache: ActivationCache, hook: str) -> dict[str, Any] | None:
     """Prepare the output folder; with ``resume_from_checkpoint`` return the saved state instead.
 
     Raises:
@@ -439,6 +459,15 @@ def _start_or_resume(cfg: TrainConfig, out: Path) -> dict[str, Any] | None:
     folder = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.checkpoint_dir)
     saved = load_checkpoint_state(folder)
     check_resumable(saved["config"], cfg.to_dict())
+    check_same_cache(saved.get("cache", {}), cache_identity(cache, hook))
+    if (out / SAE_CFG_FILENAME).exists():
+        if not cfg.overwrite:
+            raise ConfigError(
+                f"output_path {str(out)!r} already holds a finished SAE; resuming would replace it. Nothing "
+                "was changed. Pass --overwrite to replace it, or choose another output_path."
+            )
+        for name in (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME, "metrics.json"):
+            (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     print(f"note: resuming from {folder} (step {saved['trainer']['step']} of {cfg.total_steps})")
     return saved
@@ -458,6 +487,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
             checkpoint to resume from is missing or from a different config.
         TrainingError: the loss became NaN/Inf.
     """
+    cfg.validate()  # configs built in Python skip from_dict's checks
     torch.manual_seed(cfg.seed)
     cache = ActivationCache.open(cfg.cache_path)
     hook = cache.resolve_hook(cfg.hook_name)
@@ -468,7 +498,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
             f"remove d_in or set it to {d_in}."
         )
     out = Path(cfg.output_path)
-    saved = _start_or_resume(cfg, out)
+    saved = _start_or_resume(cfg, out, cache, hook)
     exclude = cache.special_token_ids if cfg.exclude_special_tokens else []
     scale = activation_scale(cache.statistics(hook)["mean_norm"], d_in, cfg.normalize_activations)
     sae = build_sae(cfg, d_in, hook, cache.attrs["model_name"], _sae_metadata(cache))
@@ -489,7 +519,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     sparsity_name = {"l0_coefficient": "l0_loss"}.get(sae.sparsity_coefficient_name or "", "l1_loss")
     logger = MetricsLogger(out / METRICS_LOG_FILENAME, sparsity_name, _wandb_args(cfg, out))
     try:
-        trainer = Trainer(sae, cfg, logger, on_checkpoint=lambda t: _checkpoint(t, scale))
+        identity = cache_identity(cache, hook)
+        trainer = Trainer(sae, cfg, logger, on_checkpoint=lambda t: _checkpoint(t, scale, identity))
         if saved is not None:
             trainer.load_state_dict(saved)
         t0 = time.perf_counter()
@@ -509,9 +540,9 @@ def _log_density(state: TrainerState, d_sae: int) -> torch.Tensor:
     return torch.log10(density.clamp_min(1e-10))
 
 
-def _checkpoint(trainer: Trainer, scale: float) -> None:
+def _checkpoint(trainer: Trainer, scale: float, cache: dict[str, Any]) -> None:
     cfg = trainer.cfg
-    state = {**trainer.state_dict(), "config": cfg.to_dict()}
+    state = {**trainer.state_dict(), "config": cfg.to_dict(), "cache": cache}
     folder = save_checkpoint(checkpoint_folder(cfg.checkpoint_dir, trainer.state.step), trainer.sae, scale,
                              _log_density(trainer.state, cfg.d_sae), state)
     tqdm.write(f"checkpoint: {folder}")

@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("\ninterrupted: what was written is kept. Re-running an interrupted harvest resumes it; "
-                   "an interrupted training restarts with --overwrite.", err=True)
+                   "an interrupted training continues from its last checkpoint with --resume (train with "
+                   "--n-checkpoints N to have some) or restarts with --overwrite.", err=True)
         sys.exit(130)
     except click.ClickException as e:
         e.show()

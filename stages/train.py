@@ -7,6 +7,7 @@ import json
 import click
 
 from pipeline.config import ARCHITECTURE_NAMES, TrainConfig
+from pipeline.sae.registry import ALIASES
 from pipeline.training import TrainResult, train
 from stages.common import config_options, field_option, load_config, parse_sets
 
@@ -29,7 +30,7 @@ def _opt(name: str, help: str = "", **kwargs):
 @config_options
 @_opt("cache_path", "Harvest folder to train from.")
 @_opt("hook_name", "Cached hook to train on (default: the cache's only hook).")
-@_opt("architecture", "SAE architecture.", type=click.Choice(ARCHITECTURE_NAMES))
+@_opt("architecture", "SAE architecture.", type=click.Choice(ARCHITECTURE_NAMES + tuple(ALIASES)))
 @_opt("d_sae", "Number of latents.")
 @_opt("k", "Active latents per token (topk; average over the batch for batchtopk, matryoshka).", type=float)
 @_opt("l1_coefficient", "Sparsity penalty λ (standard, gated).")

@@ -141,3 +141,26 @@ def test_saelens_matryoshka_name_and_fractional_batchtopk_k():
     assert TrainConfig.from_dict({"architecture": "batchtopk", "k": "40.5"}).k == 40.5
     with pytest.warns(UserWarning, match="'matryoshka_widths' is ignored by architecture 'topk'"):
         TrainConfig.from_dict({"architecture": "topk", "matryoshka_widths": [8, 16]})
+
+
+def test_saelens_6_nested_layout_and_older_spellings():
+    with pytest.warns(UserWarning) as caught:
+        cfg = TrainConfig.from_dict({"sae": {"architecture": "jumprelu", "d_sae": 64, "l1_coefficient": 3.0},
+                                     "logger": {"wandb_project": "p", "log_to_wandb": False},
+                                     "activation_fn": "relu", "matryoshka_widths": "8, 16",
+                                     "verbose": True, "is_dataset_tokenized": True, "lr_end": 1e-5})
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "l1_coefficient is read as l0_coefficient for jumprelu" in messages
+    for name in ("verbose", "is_dataset_tokenized", "lr_end"):
+        assert f"'{name}' is ignored" in messages
+    assert (cfg.architecture, cfg.d_sae, cfg.l0_coefficient, cfg.wandb_project) == ("jumprelu", 64, 3.0, "p")
+    assert cfg.matryoshka_widths == [8, 16]
+
+
+def test_every_saelens_6_runner_field_is_known_here():
+    import dataclasses
+
+    from sae_lens import LanguageModelSAERunnerConfig
+
+    ours = {f.name for f in dataclasses.fields(TrainConfig)} | set(TrainConfig._ignored_fields()) | {"sae", "logger"}
+    assert [f.name for f in dataclasses.fields(LanguageModelSAERunnerConfig) if f.name not in ours] == []

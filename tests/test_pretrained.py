@@ -260,6 +260,7 @@ def test_downloads_into_the_cache_when_online(tmp_path, monkeypatch):
         return str(put_in_cache(Path(cache_dir), repo_id, str(Path(filename).parent), staging) / source.name)
 
     monkeypatch.setattr(pretrained, "hf_hub_download", fake_download)
+    monkeypatch.setattr(pretrained, "network_reachable", lambda host: True)
     loaded, _, sparsity = from_pretrained("gpt2-small-res-jb", GPT2_ID)
 
     assert [c[:2] for c in calls] == [(GPT2_REPO, f"{GPT2_ID}/{name}") for name in
@@ -304,6 +305,7 @@ def test_failed_download_reports_the_reason(tmp_path, monkeypatch):
         raise LocalEntryNotFoundError("Connection refused")
 
     monkeypatch.setattr(pretrained, "hf_hub_download", unreachable)
+    monkeypatch.setattr(pretrained, "network_reachable", lambda host: True)
     with pytest.raises(PretrainedSAENotFoundError) as info:
         from_pretrained("pythia-70m-deduped-res-sm", "blocks.3.hook_resid_post")
     msg = str(info.value)
@@ -337,3 +339,12 @@ def test_unknown_sae_id_suggests_the_closest(hub):
 def test_left_out_saelens_releases_say_why(hub, release, reason):
     with pytest.raises(SAEFormatError, match=f"SAELens release '{release}' is not supported: .*{reason}"):
         from_pretrained(release, "anything")
+
+
+def test_no_network_fails_fast_without_trying_the_hub(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(pretrained, "network_reachable", lambda host: False)
+    monkeypatch.setattr(pretrained, "hf_hub_download", lambda *a, **k: pytest.fail("must not download"))
+    with pytest.raises(PretrainedSAENotFoundError, match="huggingface.co cannot be reached"):
+        from_pretrained("pythia-70m-deduped-res-sm", "blocks.3.hook_resid_post")

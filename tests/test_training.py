@@ -238,3 +238,35 @@ def test_gradient_norm_is_clipped_as_saelens_does(max_grad_norm):
         assert norm > 10
     else:
         assert norm == pytest.approx(1.0, rel=1e-4)
+
+
+def test_resume_never_replaces_a_finished_sae_nor_trains_on_another_cache(tmp_path):
+    import shutil
+
+    cache, acts = _low_rank_cache(tmp_path)
+    train(_small_cfg(cache, tmp_path, "run", n_checkpoints=2), progress=False)
+    ckpt = str(tmp_path / "run" / "checkpoints" / "step_000000020")
+    train(_small_cfg(cache, tmp_path, "victim", architecture="standard"), progress=False)
+    before = _weights(tmp_path / "victim")
+    with pytest.raises(ConfigError, match="already holds a finished SAE; resuming would replace it"):
+        train(_small_cfg(cache, tmp_path, "victim", resume_from_checkpoint=ckpt), progress=False)
+    after = _weights(tmp_path / "victim")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # the same path now holding different activations
+    shutil.rmtree(cache.path)
+    tokens = np.full((64, 32), 9, dtype=np.int32)
+    write_synthetic_cache(cache.path, acts[::-1].copy() * 2, tokens, dtype="float16", chunk_tokens=256,
+                                  chunks_per_shard=2, n_holdout_chunks=1)
+    for name in ("cfg.json", "sae_weights.safetensors"):
+        (tmp_path / "run" / name).unlink()
+    with pytest.raises(ConfigError, match="cache at cache_path differs"):
+        train(_small_cfg(cache, tmp_path, "run", n_checkpoints=2, resume_from_checkpoint="latest"), progress=False)
+
+
+def test_bad_values_are_refused_before_overwrite_deletes_anything(tmp_path):
+    cache, _ = _low_rank_cache(tmp_path)
+    train(_small_cfg(cache, tmp_path, "keep"), progress=False)
+    for bad in ({"seed": -1}, {"lr": float("nan")}, {"adam_beta1": 1.5}, {"lr_warm_up_steps": -5}):
+        with pytest.raises(ConfigError):
+            train(_small_cfg(cache, tmp_path, "keep", overwrite=True, **bad), progress=False)
+    assert (tmp_path / "keep" / "sae_weights.safetensors").exists()

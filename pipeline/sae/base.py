@@ -392,13 +392,17 @@ class SAE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, release: str, sae_id: str, device: str = "cpu"):
-        """``(sae, cfg_dict, sparsity)`` for a published SAELens release, as SAELens returns them.
+        """``(sae, cfg_dict, sparsity)`` for a published SAELens release: the tuple SAELens ≤ 5's
+        ``SAE.from_pretrained`` returned (SAELens 6 names it ``from_pretrained_with_cfg_and_sparsity``
+        and returns the SAE alone from ``from_pretrained``).
 
         See :func:`pipeline.sae.pretrained.from_pretrained` (resolution, caching, errors).
         """
         from pipeline.sae.pretrained import from_pretrained
 
         return from_pretrained(release, sae_id, device=device)
+
+    from_pretrained_with_cfg_and_sparsity = from_pretrained  # SAELens 6's name for the tuple form
 
     def save(self, path: str | Path, sparsity: Tensor | None = None) -> Path:
         """Write the SAE as a SAELens folder (see :mod:`pipeline.sae.io`); returns the folder.

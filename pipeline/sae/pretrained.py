@@ -41,6 +41,7 @@ from torch import Tensor
 from pipeline.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME
 from pipeline.errors import ConfigError, SAEFormatError
 from pipeline.sae.base import SAE, closest_name_hint
+from pipeline.tracking import network_reachable
 from pipeline.sae.io import load_sae, load_sparsity
 
 REGISTRY_FILENAME = "pretrained_saes.yaml"
@@ -195,6 +196,9 @@ def _fetch_files(sae: PretrainedSAE, cache_dir: Path, offline: bool) -> tuple[Pa
     if not all(paths.values()):
         if offline:
             _raise_not_found(sae, cache_dir, {n: "not in the cache, and HF_HUB_OFFLINE is set"
+                                              for n, p in paths.items() if not p}, offline)
+        if not network_reachable("huggingface.co"):  # fail in seconds, not after the Hub's retries
+            _raise_not_found(sae, cache_dir, {n: "not in the cache, and huggingface.co cannot be reached"
                                               for n, p in paths.items() if not p}, offline)
         fetched = {name: _download(sae, name, cache_dir) for name in required}
         failures = {name: why for name, (path, why) in fetched.items() if path is None}
