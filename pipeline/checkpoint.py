@@ -86,6 +86,9 @@ def resolve_checkpoint(spec: str, checkpoint_dir: Path) -> Path:
             )
         return found[-1]
     folder = Path(spec)
+    if not folder.exists():
+        raise ConfigError(f"resume_from_checkpoint {spec!r} does not exist; pass a step_* folder under "
+                          f"{checkpoint_dir} or 'latest'.")
     if not (folder / STATE_FILENAME).is_file():
         raise ConfigError(
             f"resume_from_checkpoint {spec!r} is not a checkpoint folder (no {STATE_FILENAME}); "

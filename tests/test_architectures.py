@@ -83,6 +83,8 @@ def test_architecture_trains_loads_in_saelens_and_resumes_exactly(real_cache, ho
     stopped = tmp_path / "stopped"
     shutil.copytree(full, stopped)
     shutil.rmtree(stopped / "checkpoints" / f"step_{STEPS:09d}")
+    for name in ("cfg.json", SAE_WEIGHTS_FILENAME, "sparsity.safetensors"):  # written only at the end
+        (stopped / name).unlink()
     train(_cfg(real_cache, stopped, architecture, resume_from_checkpoint="latest"), progress=False)
     a, b = load_file(str(full / SAE_WEIGHTS_FILENAME)), load_file(str(stopped / SAE_WEIGHTS_FILENAME))
     assert a.keys() == b.keys()
