@@ -95,6 +95,7 @@ class MetricsLogger:
             self.wandb_run.log(saelens_names(record, self.sparsity_loss_name), step=record["step"])
 
     def close(self) -> None:
+        """Close the log file and finish the W&B run (flushes an offline run to disk)."""
         self.file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()

@@ -320,6 +320,9 @@ def _batch_explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 @dataclass
 class TrainResult:
+    """What :func:`train` returns: the trained SAE (folded, on raw activations), its folder, the
+    training throughput of this run (tokens/s) and the trainer's final state (history, densities)."""
+
     sae: SAE
     output_path: Path
     tokens_per_second: float

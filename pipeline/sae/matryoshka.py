@@ -83,4 +83,5 @@ class MatryoshkaSAE(BatchTopKSAE):
         return losses
 
     def training_details(self) -> dict[str, Any]:
+        """BatchTopK's saved training details plus the widths (``cfg.json`` metadata)."""
         return {**super().training_details(), "matryoshka_widths": list(self.cfg.matryoshka_widths)}
