@@ -238,6 +238,11 @@ class SAE(nn.Module):
                 f"{type(self).__name__} needs architecture={self.architecture!r}, got "
                 f"{cfg.architecture!r}; use get_architecture({cfg.architecture!r}) instead."
             )
+        if self.sparsity_coefficient_name is not None and cfg.k is not None:  # penalty architectures
+            raise ConfigError(
+                f"k={cfg.k} is set but architecture {cfg.architecture!r} has no k; remove k or use a TopK-family "
+                "architecture (topk, batchtopk, matryoshka)."
+            )
         self.cfg = cfg
         self.create_parameters({"dtype": cfg.torch_dtype, "device": torch.device(cfg.device)})
         self.reset_parameters()

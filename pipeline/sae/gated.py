@@ -47,7 +47,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline.errors import ConfigError
 from pipeline.sae.base import SAE, SAEConfig, TrainStepOutput
 
 DECODER_INIT_NORM = 0.1  # SAELens TrainingSAEConfig.decoder_init_norm default
@@ -59,13 +58,6 @@ class GatedSAE(SAE):
     architecture = "gated"
     sparsity_coefficient_name = "l1_coefficient"
     sparsity_warm_up_name = "l1_warm_up_steps"
-
-    def __init__(self, cfg: SAEConfig) -> None:
-        if cfg.k is not None:
-            raise ConfigError(
-                f"k={cfg.k} is set but architecture 'gated' has no k; remove k or use 'topk'."
-            )
-        super().__init__(cfg)
 
     def create_parameters(self, kw: dict[str, Any]) -> None:
         """``W_enc, b_gate, r_mag, b_mag, W_dec, b_dec`` (SAELens's names and shapes; no ``b_enc``)."""

@@ -232,8 +232,6 @@ class JumpReLUSAE(SAE):
 
 def _check_config(cfg: SAEConfig) -> None:
     """Raise :class:`ConfigError` naming the first JumpReLU field that is out of range."""
-    if cfg.k is not None:
-        raise ConfigError(f"k={cfg.k} is set but architecture 'jumprelu' has no k; remove k or use 'batchtopk'.")
     if cfg.jumprelu_sparsity_loss_mode not in SPARSITY_LOSS_MODES:
         raise ConfigError(
             f"jumprelu_sparsity_loss_mode={cfg.jumprelu_sparsity_loss_mode!r} is not supported; "

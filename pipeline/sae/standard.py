@@ -34,7 +34,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pipeline.errors import ConfigError
 from pipeline.sae.base import SAE, SAEConfig, TrainStepOutput
 
 DECODER_INIT_NORM = 0.1  # April 2024 update: decoder rows start at norm 0.1
@@ -46,13 +45,6 @@ class StandardSAE(SAE):
     architecture = "standard"
     sparsity_coefficient_name = "l1_coefficient"
     sparsity_warm_up_name = "l1_warm_up_steps"
-
-    def __init__(self, cfg: SAEConfig) -> None:
-        if cfg.k is not None:
-            raise ConfigError(
-                f"k={cfg.k} is set but architecture 'standard' has no k; remove k or use 'topk'."
-            )
-        super().__init__(cfg)
 
     def reset_parameters(self) -> None:
         self.init_tied_weights(DECODER_INIT_NORM)
