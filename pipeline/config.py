@@ -375,9 +375,9 @@ class TrainConfig(_Config):
         act = data.pop("activation_fn", None)
         if act is not None:
             cls._check_activation_fn(act, data)
-        arch = data.get("architecture", cls.architecture)
+        arch, defaults = data.get("architecture", cls.architecture), cls()
         for name, archs in ARCHITECTURE_FIELDS.items():
-            if arch not in archs and name in data and data[name] != getattr(cls(), name):
+            if arch not in archs and name in data and data[name] != getattr(defaults, name):
                 warnings.warn(f"config field {name!r} is ignored by architecture {arch!r} "
                               f"(it is read by {', '.join(archs)})", stacklevel=3)
         return data
