@@ -151,6 +151,7 @@ class ActivationCache:
                 f"the cache at {str(path)!r} has format version {version}, this sae-pipeline reads version "
                 f"{FORMAT_VERSION}; re-harvest it (same command with --overwrite)."
             )
+        check_attributes(path, dict(group.attrs), group)
         cache = cls(path, group)
         if require_complete and not cache.complete:
             holder = _read_lock(lock_path(path))
@@ -280,6 +281,77 @@ class ActivationCache:
             f"{self.path}: {a['n_tokens']:,} tokens of {a['model_name']} at {', '.join(self.hook_names)} "
             f"(d_in {', '.join(str(v) for v in a['d_in'].values())}, {self.dtype}, context {a['context_size']}, "
             f"{len(self.holdout_chunks)}/{self.layout.n_chunks} chunks held out)"
+        )
+
+
+def _is_count(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _attribute_problems(attrs: dict[str, Any]) -> list[str]:
+    """What is wrong with a cache's attributes (types and ranges the reader relies on)."""
+    problems = [f"{name} must be an integer ≥ {low}" for name, low in
+                (("n_seqs", 1), ("context_size", 1), ("chunk_tokens", 1), ("chunks_per_shard", 1),
+                 ("n_tokens", 1), ("n_holdout_chunks", 0), ("n_chunks_written", 0))
+                if not _is_count(attrs.get(name), low)]
+    hooks = attrs.get("hook_names")
+    if not (isinstance(hooks, list) and hooks and all(isinstance(h, str) and h for h in hooks)):
+        return problems + ["hook_names must be a non-empty list of hook names"]
+    d_in = attrs.get("d_in")
+    if not (isinstance(d_in, dict) and set(d_in) == set(hooks) and all(_is_count(v, 1) for v in d_in.values())):
+        problems.append("d_in must map every hook name to a positive integer")
+    if not isinstance(attrs.get("dtype"), str) or attrs["dtype"] not in _NUMPY_STORAGE:
+        problems.append(f"dtype must be one of {sorted(_NUMPY_STORAGE)}")
+    special = attrs.get("special_token_ids", [])
+    if not (isinstance(special, list) and all(_is_count(t, 0) for t in special)):
+        problems.append("special_token_ids must be a list of token ids")
+    if not isinstance(attrs.get("model_name", ""), str):
+        problems.append("model_name must be a string")
+    if attrs.get(COMPLETE_ATTR):
+        stats = attrs.get("statistics")
+        if not (isinstance(stats, dict) and all(
+                isinstance(stats.get(h), dict) and isinstance(stats[h].get("mean_norm"), (int, float))
+                and not isinstance(stats[h].get("mean_norm"), bool) and math.isfinite(stats[h]["mean_norm"])
+                and stats[h]["mean_norm"] > 0 for h in hooks)):
+            problems.append("statistics must give every hook a finite positive mean_norm")
+    return problems
+
+
+def _array_problems(attrs: dict[str, Any], group: zarr.Group) -> list[str]:
+    """Arrays missing or shaped unlike the attributes say (only when the attributes are sound)."""
+    n_tokens = attrs["n_seqs"] * attrs["context_size"]
+    expected = {array_key(h): (n_tokens, attrs["d_in"][h]) for h in attrs["hook_names"]}
+    expected[TOKENS_ARRAY] = (attrs["n_seqs"], attrs["context_size"])
+    problems = []
+    for name, shape in expected.items():
+        try:
+            actual = tuple(group[name].shape)
+        except Exception:  # zarr raises KeyError or its own errors for a missing or unreadable node
+            problems.append(f"array {name!r} is missing or unreadable")
+            continue
+        if actual != shape:
+            problems.append(f"array {name!r} has shape {list(actual)}, the attributes say {list(shape)}")
+    if attrs["n_tokens"] != n_tokens:
+        problems.append(f"n_tokens is {attrs['n_tokens']}, n_seqs × context_size is {n_tokens}")
+    if attrs["n_holdout_chunks"] >= math.ceil(n_tokens / attrs["chunk_tokens"]) or attrs["chunk_tokens"] % attrs["context_size"]:
+        problems.append("n_holdout_chunks must leave a training chunk and chunk_tokens must be whole sequences")
+    return problems
+
+
+def check_attributes(path: Path, attrs: dict[str, Any], group: zarr.Group) -> None:
+    """Check a cache's attributes and arrays before anything reads them (files from elsewhere are
+    untrusted: a damaged or hand-edited ``zarr.json`` must give a CacheError, not a deep traceback).
+
+    Raises:
+        CacheError: naming every problem found, with the fix (re-harvest).
+    """
+    problems = _attribute_problems(attrs)
+    if not problems:
+        problems = _array_problems(attrs, group)
+    if problems:
+        raise CacheError(
+            f"the cache at {str(path)!r} has damaged metadata: {'; '.join(problems)}. It was not written "
+            "by this sae-pipeline or was edited by hand; re-harvest it (same command with --overwrite)."
         )
 
 

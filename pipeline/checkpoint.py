@@ -10,8 +10,8 @@ A checkpoint is a folder ``<checkpoint_dir>/step_<step>/`` holding
   the training config. It holds only tensors and plain Python values, and is read with
   ``torch.load(weights_only=True)`` (no arbitrary pickle).
 
-The folder is written under a temporary name and renamed when complete, so a crash mid-write never
-leaves a checkpoint that looks whole. The loader position is not stored: the loader is
+The folder is written under a temporary name, fsynced and renamed when complete, so a crash
+mid-write never leaves a checkpoint that looks whole. The loader position is not stored: the loader is
 deterministic given the seed, and a resumed run skips the batches already consumed.
 """
 
@@ -55,10 +55,25 @@ def save_checkpoint(folder: Path, sae, activation_scale: float, sparsity: torch.
     folded.fold_activation_scale(activation_scale)
     folded.save(tmp, sparsity=sparsity)
     torch.save({**state, "activation_scale": activation_scale}, tmp / STATE_FILENAME)
+    _fsync_tree(tmp)  # on disk before the rename makes it visible (power loss, not only kills)
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
+    _fsync_tree(folder.parent, files=False)
     return folder
+
+
+def _fsync_tree(folder: Path, files: bool = True) -> None:
+    """fsync every file directly in ``folder`` (unless ``files`` is False), then the folder itself."""
+    for path in folder.iterdir() if files else ():
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def list_checkpoints(checkpoint_dir: Path) -> list[Path]:

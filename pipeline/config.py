@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from pipeline.errors import ConfigError
+from pipeline.fieldtypes import check_field_type, union_members
 from pipeline.sae.registry import ARCHITECTURES
 
 C = TypeVar("C", bound="_Config")
@@ -33,15 +34,24 @@ B_DEC_INITS = ("geometric_median", "mean", "zeros")
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """Numbers written as strings (YAML reads ``3e-4`` as a string) become the field's number type.
+    """Numbers written as strings (YAML reads ``3e-4`` as a string) become the field's number type;
+    then the value must have the field's type (:func:`~pipeline.fieldtypes.check_field_type`).
 
     Raises:
-        ConfigError: the value cannot be read as the field's number type.
+        ConfigError: the value cannot be read as the field's type.
     """
-    types = [t for t in (typing.get_args(hint) or (hint,)) if t is not type(None)]
-    if bool in types:
+    value = _coerce_number(name, value, hint)
+    check_field_type(name, value, hint)
+    return value
+
+
+def _coerce_number(name: str, value: Any, hint: Any) -> Any:
+    types_ = [t for t in union_members(hint) if t is not type(None)]
+    if value is None:
+        return None
+    if bool in types_:
         return _coerce_bool(name, value)
-    numeric = float if float in types else int if int in types else None
+    numeric = float if float in types_ else int if int in types_ else None
     if numeric is None or isinstance(value, bool) or not isinstance(value, (str, float)):
         return value
     try:
@@ -232,6 +242,7 @@ class HarvestConfig(_Config):
 ARCHITECTURE_FIELDS: dict[str, tuple[str, ...]] = {
     "k": ("topk", "batchtopk", "matryoshka"),
     "aux_loss_coefficient": ("topk", "batchtopk", "matryoshka"),
+    "rescale_acts_by_decoder_norm": ("topk", "batchtopk", "matryoshka"),
     "l1_coefficient": ("standard", "gated"),
     "l1_warm_up_steps": ("standard", "gated"),
     "use_ghost_grads": ("standard",),
@@ -241,6 +252,7 @@ ARCHITECTURE_FIELDS: dict[str, tuple[str, ...]] = {
     "jumprelu_bandwidth": ("jumprelu",),
     "jumprelu_sparsity_loss_mode": ("jumprelu",),
     "jumprelu_tanh_scale": ("jumprelu",),
+    "jumprelu_unit_norm_decoder": ("jumprelu",),
     "pre_act_loss_coefficient": ("jumprelu",),
     "topk_threshold_lr": ("batchtopk", "matryoshka"),
     "matryoshka_widths": ("matryoshka",),
@@ -289,10 +301,12 @@ class TrainConfig(_Config):
     jumprelu_bandwidth: float = 0.05
     jumprelu_sparsity_loss_mode: str = "step"
     jumprelu_tanh_scale: float = 4.0
+    jumprelu_unit_norm_decoder: bool = False
     pre_act_loss_coefficient: float | None = None
     topk_threshold_lr: float = 0.01
     matryoshka_widths: list[int] = field(default_factory=list)
     aux_loss_coefficient: float = 1 / 32
+    rescale_acts_by_decoder_norm: bool = True
     use_ghost_grads: bool = False
     apply_b_dec_to_input: bool = True
     lr: float = 4e-4

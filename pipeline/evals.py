@@ -11,11 +11,14 @@ sums and gives exactly the one-shot values (up to float64 rounding).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from pipeline.analysis.splice import replace_activation, splice_sae
+from pipeline.sae import SAE
 
 RECONSTRUCTION_KEYS = ("l0", "mse", "explained_variance", "cosine_similarity", "dead_fraction", "n_tokens")
 
@@ -155,22 +158,10 @@ class ReconstructionStats:
         }
 
 
-def per_token(sae: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    """Apply ``sae`` to a hook's ``[batch, pos, ...]`` activation by flattening the trailing dims
-    into d_in and restoring them (``attn.hook_z`` is ``[batch, pos, n_heads, d_head]``; the cache
-    stores it flattened the same way)."""
-
-    def apply(activation: Tensor) -> Tensor:
-        flat = activation.reshape(*activation.shape[:2], -1)
-        return sae(flat).reshape(activation.shape)
-
-    return apply
-
-
 @torch.no_grad()
 def ce_loss_recovered(
     model: Any,
-    sae: Callable[[Tensor], Tensor],
+    sae: SAE,
     tokens: Tensor,
     hook_name: str,
     batch_size: int = 8,
@@ -185,9 +176,9 @@ def ce_loss_recovered(
 
     Args:
         model: a TransformerLens ``HookedTransformer`` or ``TransformerBridge``; called as
-            ``model(tokens, return_type="loss")`` and
-            ``model.run_with_hooks(tokens, return_type="loss", fwd_hooks=[(hook_name, fn)])``.
-        sae: maps ``[..., d_in]`` to its reconstruction ``[..., d_in]`` (an :class:`~pipeline.sae.SAE`).
+            ``model(tokens, return_type="loss")``, with the SAE (or zeros) spliced in at
+            ``hook_name`` by :mod:`pipeline.analysis.splice` for the other two runs.
+        sae: the SAE; the hook's trailing dims are flattened into its d_in (``attn.hook_z``).
         tokens: ``[n_seqs, ctx]`` int token ids.
         hook_name: the hook whose activations the SAE reads.
         batch_size: sequences per forward pass.
@@ -211,27 +202,14 @@ def ce_loss_recovered(
     for start in tqdm(range(0, n_seqs, batch_size), desc="ce_loss_recovered", leave=False):
         batch = tokens[start : start + batch_size]
         keep = None if exclude_positions_mask is None else exclude_positions_mask[start : start + batch_size]
-
-        def splice(replacement: Callable[[Tensor], Tensor]):
-            def hook(activation: Tensor, hook: Any = None) -> Tensor:
-                new = replacement(activation).to(activation.dtype)
-                if keep is not None:
-                    mask = keep.to(activation.device).reshape(*keep.shape, *([1] * (activation.dim() - 2)))
-                    new = torch.where(mask, activation, new)
-                return new
-
-            return hook
-
         # Every sequence has ctx - 1 predicted tokens, so weighting batch means by their
         # sequence count gives the mean over all tokens.
         weight = batch.shape[0] / n_seqs
         totals["clean"] += weight * float(model(batch, return_type="loss"))
-        totals["sae"] += weight * float(
-            model.run_with_hooks(batch, return_type="loss", fwd_hooks=[(hook_name, splice(per_token(sae)))])
-        )
-        totals["zero"] += weight * float(
-            model.run_with_hooks(batch, return_type="loss", fwd_hooks=[(hook_name, splice(torch.zeros_like))])
-        )
+        with splice_sae(model, sae, hook_name=hook_name, keep_mask=keep):
+            totals["sae"] += weight * float(model(batch, return_type="loss"))
+        with replace_activation(model, hook_name, torch.zeros_like, keep):
+            totals["zero"] += weight * float(model(batch, return_type="loss"))
     denom = totals["zero"] - totals["clean"]
     recovered = (totals["zero"] - totals["sae"]) / denom if denom != 0 else float("nan")
     return {

@@ -29,6 +29,11 @@ def _train_config(sae_path: Path) -> dict[str, Any]:
     return read_yaml_mapping(path) if path.is_file() else {}
 
 
+def default_cache_path(sae_path: str | Path) -> str | None:
+    """The cache an SAE folder was trained on (``cache_path`` of its ``train_config.yaml``), or None."""
+    return _train_config(Path(sae_path)).get("cache_path")
+
+
 def check_compatible(sae: SAE, cache: ActivationCache) -> str:
     """The cache hook the SAE reads; refuses an SAE of another model, hook or width.
 

@@ -281,6 +281,25 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float3
     return model
 
 
+def load_tokenizer(name: str):
+    """The Hugging Face tokenizer of the model ``load_model(name)`` would load, without its weights
+    (seconds, not the model's boot; a GGUF file is de-quantized once, as for :func:`load_model`).
+
+    Raises:
+        ModelError: the source cannot be resolved, or its tokenizer cannot be loaded.
+    """
+    from transformers import AutoTokenizer
+
+    source = resolve_model(name)
+    path = dequantize_gguf(source.path) if source.kind == "gguf" else source.path
+    local = source.kind == "gguf" or Path(path).is_dir()
+    try:
+        with _hub_offline() if local else contextlib.nullcontext():
+            return AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # hub and file errors come in many types
+        raise ModelError(_load_failure(path, err, local)) from err
+
+
 def _boot_bridge(path: str, device: str, dtype: torch.dtype, *, local: bool):
     from transformer_lens.model_bridge import TransformerBridge
 

@@ -22,18 +22,25 @@ The recipe, top to bottom (per step ``t`` of ``T = ceil(training_tokens / train_
 5. Optionally, dead latents are resampled every ``feature_sampling_window`` steps, and
    ``n_checkpoints`` checkpoints are written (:mod:`pipeline.checkpoint`) from which a run resumes
    exactly.
+
+Many SAEs from one pass (:func:`train_group`): SAEs whose configs agree on every field in
+``STREAM_FIELDS`` see the same batches, so the loader reads and decompresses each batch once and
+:func:`fit_group` steps every SAE's own :class:`Trainer` on it. A single run (:func:`train`) and
+a group member are set up and saved by the same :func:`start_run` / :func:`finish_run`, and a
+group member ends with exactly the weights its single run would have.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -45,9 +52,10 @@ from pipeline.checkpoint import (check_resumable, check_same_cache, checkpoint_f
 from pipeline.config import ARCHITECTURE_FIELDS, TrainConfig
 from pipeline.constants import (METRICS_LOG_FILENAME, SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME,
                                 TRAIN_CONFIG_FILENAME)
-from pipeline.errors import ConfigError, TrainingError
+from pipeline.errors import ConfigError, SaePipelineError, TrainingError
 from pipeline.loader import ActivationLoader
 from pipeline.sae import SAE, SAEConfig, get_architecture
+from pipeline.sae.io import _atomic_write
 from pipeline.sae.topk import geometric_median
 from pipeline.tracking import MetricsLogger
 
@@ -122,6 +130,10 @@ class Trainer:
         )
         n = cfg.n_checkpoints
         self.checkpoint_steps = {i * cfg.total_steps // n for i in range(1, n + 1)} if n else set()
+        # This trainer's own torch RNG stream (dead-latent resampling draws from it), swapped in
+        # around each step so trainers sharing a process draw exactly as they would alone.
+        self.rng_state = rng_snapshot(cfg.device)
+        self.start_clock()
 
     def sparsity_coefficient(self, step: int) -> float:
         """λ_t = coefficient · min(1, (t+1) / warm_up) (SAELens's warm-up), with the coefficient and
@@ -221,43 +233,62 @@ class Trainer:
         return {"step": st.step, "tokens": st.tokens_seen, **metrics, **self.latent_statistics(),
                 "tokens_per_second": self._tokens_this_run / elapsed if elapsed else 0.0}
 
-    def fit(self, batches: Iterable[torch.Tensor], *, progress: bool = True) -> TrainerState:
-        """Run until ``cfg.total_steps`` (fewer if ``batches`` runs out), from ``state.step``."""
-        cfg, st = self.cfg, self.state
-        bar = tqdm(total=cfg.total_steps * cfg.train_batch_size_tokens, initial=st.tokens_seen, unit="tok",
-                   unit_scale=True, desc=f"train {cfg.architecture}", disable=not progress, dynamic_ncols=True)
-        t0, self._tokens_this_run = time.perf_counter(), 0
-        with bar:
-            for x in batches:
-                if st.step >= cfg.total_steps:
-                    break
-                metrics = self.step(x)
-                self._tokens_this_run += x.shape[0]
-                bar.update(x.shape[0])
-                self._emit(metrics, time.perf_counter() - t0, bar)
-                if st.step in self.checkpoint_steps and self.on_checkpoint is not None:
-                    self.on_checkpoint(self)
-        if st.window_tokens:
-            self._close_window()
-        return st
+    def start_clock(self) -> None:
+        """Start timing this run's throughput (``tokens_per_second`` in the log)."""
+        self._t0, self._tokens_this_run = time.perf_counter(), 0
 
-    def _emit(self, metrics: dict[str, float], elapsed: float, bar) -> None:
-        """Log to JSON lines every ``log_every`` steps and to W&B every ``wandb_log_frequency``."""
+    def advance(self, x: torch.Tensor) -> dict[str, Any] | None:
+        """:meth:`step` on ``x`` ``[batch, d_in]`` plus its bookkeeping: the log record every
+        ``log_every`` steps (returned; None on other steps), W&B, and the checkpoint at checkpoint
+        steps.
+
+        Raises:
+            TrainingError: the loss is NaN or Inf.
+        """
+        metrics = self.step(x)
+        self._tokens_this_run += x.shape[0]
+        record = self._emit(metrics, time.perf_counter() - self._t0)
+        if self.state.step in self.checkpoint_steps and self.on_checkpoint is not None:
+            self.on_checkpoint(self)
+        return record
+
+    @property
+    def done(self) -> bool:
+        return self.state.step >= self.cfg.total_steps
+
+    def close_window(self) -> None:
+        """End of training: a partly filled density window still gives the final densities."""
+        if self.state.window_tokens:
+            self._close_window()
+
+    def fit(self, batches: Iterable[torch.Tensor], *, progress: bool = True) -> TrainerState:
+        """Run until ``cfg.total_steps`` (fewer if ``batches`` runs out), from ``state.step``.
+
+        Raises:
+            TrainingError: the loss became NaN/Inf (out-of-memory errors propagate as raised).
+        """
+        failures = fit_group([self], batches, progress=progress)
+        if failures:
+            raise failures[0]
+        return self.state
+
+    def _emit(self, metrics: dict[str, float], elapsed: float) -> dict[str, Any] | None:
+        """Log to JSON lines every ``log_every`` steps and to W&B every ``wandb_log_frequency``;
+        returns the JSON-lines record, or None on steps that write none."""
         st, cfg = self.state, self.cfg
         last = st.step == cfg.total_steps
         to_file = st.step % cfg.log_every == 0 or last
         to_wandb = cfg.log_to_wandb and (st.step % cfg.wandb_log_frequency == 0 or last)
         if not (to_file or to_wandb):
-            return
+            return None
         record = self._record(metrics, elapsed)
         if to_file:
             st.history.append(record)
             if self.logger is not None:
                 self.logger.write(record)
-            bar.set_postfix(mse=f"{metrics['mse_loss']:.3g}", l0=f"{metrics['l0']:.1f}",
-                            ev=f"{metrics['explained_variance']:.3f}")
         if to_wandb and self.logger is not None:
             self.logger.to_wandb(record)
+        return record if to_file else None
 
     # --------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -272,6 +303,123 @@ class Trainer:
         for name, value in saved["trainer"].items():
             setattr(self.state, name, value.cpu() if isinstance(value, torch.Tensor) else value)
         torch.set_rng_state(saved["rng"].cpu())
+        self.rng_state = rng_snapshot(self.cfg.device)
+
+
+# Errors that end one SAE's training but not its group's: NaN/Inf loss, memory exhausted (CPU
+# allocators raise RuntimeError "can't allocate memory", CUDA raises torch.OutOfMemoryError).
+_MEMORY_ERRORS = (torch.OutOfMemoryError, MemoryError)
+
+
+def is_point_failure(err: BaseException) -> bool:
+    """True for an error that fails one SAE of a group (NaN/Inf loss, out of memory), not the group."""
+    if isinstance(err, (TrainingError, *_MEMORY_ERRORS)):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def rng_snapshot(device: str | torch.device) -> dict[str, torch.Tensor]:
+    """The global torch RNG state: CPU, plus the CUDA device's when ``device`` is a GPU."""
+    dev = torch.device(device)
+    state = {"cpu": torch.get_rng_state()}
+    if dev.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(dev)
+    return state
+
+
+def _restore_rng(state: dict[str, torch.Tensor], device: str | torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], torch.device(device))
+
+
+@contextmanager
+def own_rng(trainer: Trainer) -> Iterator[None]:
+    """Run the block on ``trainer.rng_state``; store where it ended and restore the outer state."""
+    outer = rng_snapshot(trainer.cfg.device)
+    _restore_rng(trainer.rng_state, trainer.cfg.device)
+    try:
+        yield
+    finally:
+        trainer.rng_state = rng_snapshot(trainer.cfg.device)
+        _restore_rng(outer, trainer.cfg.device)
+
+
+def fit_group(trainers: list[Trainer], batches: Iterable[torch.Tensor], *, progress: bool = True,
+              ) -> dict[int, BaseException]:
+    """Feed each batch of ``batches`` to every trainer in turn, each until its own ``total_steps``.
+
+    One stream serves the group: batch ``t`` goes to every trainer still below its ``total_steps``
+    (a trainer with fewer steps sees a prefix of the others' batches). Each trainer steps on its
+    own RNG stream (:func:`own_rng`), so it ends exactly as it would trained alone on the same
+    batches. Trainers are stepped one after another; stacking same-shaped SAEs into batched
+    matrix products would replace only the inner loop.
+
+    Args:
+        trainers: trainers whose configs share ``train_batch_size_tokens`` (one progress bar
+            counts the stream's tokens).
+        batches: ``[batch, d_in]`` float32 tensors, already scaled; each is read, never modified.
+
+    Returns:
+        ``{index in trainers: error}`` for trainers that failed (NaN/Inf loss, out of memory:
+        :func:`is_point_failure`); they drop out and the others continue. Any other error propagates.
+    """
+    cfg = trainers[0].cfg
+    desc = f"train {cfg.architecture}" if len(trainers) == 1 else f"train {len(trainers)} SAEs"
+    bar = tqdm(total=max(t.cfg.total_steps for t in trainers) * cfg.train_batch_size_tokens,
+               initial=min(t.state.tokens_seen for t in trainers), unit="tok", unit_scale=True, desc=desc,
+               disable=not progress, dynamic_ncols=True)
+    failures: dict[int, BaseException] = {}
+    for t in trainers:
+        t.start_clock()
+    with bar, closing_when_done(batches):
+        for x in batches:
+            active = [i for i, t in enumerate(trainers) if i not in failures and not t.done]
+            if not active:
+                break
+            for i in active:
+                record = _advance_or_fail(trainers[i], x, i, failures, keep_traceback=len(trainers) == 1)
+                if record is not None and len(trainers) == 1:
+                    bar.set_postfix(mse=f"{record['mse_loss']:.3g}", l0=f"{record['l0']:.1f}",
+                                    ev=f"{record['explained_variance']:.3f}")
+            bar.update(x.shape[0])
+            if len(trainers) > 1:
+                bar.set_postfix(training=len(active) - sum(i in failures for i in active), failed=len(failures))
+    for i, t in enumerate(trainers):
+        if i not in failures:
+            t.close_window()
+    return failures
+
+
+@contextmanager
+def closing_when_done(batches: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Close a generator of batches on leaving the block, even part-way (every trainer done or
+    failed early): the loader's threads then stop here, not in a garbage collection that may run
+    on one of zarr's own threads and wait for itself."""
+    try:
+        yield
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+
+
+def _advance_or_fail(trainer: Trainer, x: torch.Tensor, i: int, failures: dict[int, BaseException], *,
+                     keep_traceback: bool):
+    """``trainer.advance(x)`` on its own RNG; a point failure is recorded in ``failures``, not raised."""
+    try:
+        with own_rng(trainer):
+            return trainer.advance(x)
+    except Exception as err:
+        if not is_point_failure(err):
+            raise
+        failures[i] = err if keep_traceback else err.with_traceback(None)  # the frames hold the step's tensors
+        if not isinstance(err, TrainingError):
+            trainer.optimizer.state.clear()  # out of memory: hand its Adam moments to the rest of the group
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        return None
 
 
 @torch.no_grad()
@@ -423,10 +571,13 @@ def build_sae(cfg: TrainConfig, d_in: int, hook: str, model_name: str, metadata:
         architecture=cfg.architecture, d_in=d_in, d_sae=cfg.d_sae, k=k, hook_name=hook,
         model_name=model_name, dtype=cfg.dtype, device=cfg.device,
         apply_b_dec_to_input=cfg.apply_b_dec_to_input, aux_k_coefficient=cfg.aux_loss_coefficient,
+        rescale_acts_by_decoder_norm=(cfg.rescale_acts_by_decoder_norm
+                                      and cfg.architecture in ARCHITECTURE_FIELDS["rescale_acts_by_decoder_norm"]),
         topk_threshold_lr=cfg.topk_threshold_lr, matryoshka_widths=list(cfg.matryoshka_widths),
         jumprelu_init_threshold=cfg.jumprelu_init_threshold, jumprelu_bandwidth=cfg.jumprelu_bandwidth,
         jumprelu_sparsity_loss_mode=cfg.jumprelu_sparsity_loss_mode,
-        jumprelu_tanh_scale=cfg.jumprelu_tanh_scale, pre_act_loss_coefficient=cfg.pre_act_loss_coefficient,
+        jumprelu_tanh_scale=cfg.jumprelu_tanh_scale, jumprelu_unit_norm_decoder=cfg.jumprelu_unit_norm_decoder,
+        pre_act_loss_coefficient=cfg.pre_act_loss_coefficient,
         use_ghost_grads=cfg.use_ghost_grads, metadata=metadata)
     return get_architecture(cfg.architecture)(sae_cfg)
 
@@ -435,8 +586,9 @@ def _wandb_args(cfg: TrainConfig, out: Path) -> dict[str, Any] | None:
     if not cfg.log_to_wandb:
         return None
     name = cfg.run_name or f"{cfg.architecture}-{cfg.d_sae}-LR-{cfg.lr}-Tokens-{cfg.training_tokens:3.3e}"
+    # create_new: the SAEs of a group each log to their own run, side by side in one process
     return {"project": cfg.wandb_project, "entity": cfg.wandb_entity, "name": name,
-            "config": cfg.to_dict(), "dir": str(out)}
+            "config": cfg.to_dict(), "dir": str(out), "reinit": "create_new"}
 
 
 def cache_identity(cache: ActivationCache, hook: str) -> dict[str, Any]:
@@ -449,7 +601,7 @@ def cache_identity(cache: ActivationCache, hook: str) -> dict[str, Any]:
     return identity
 
 
-def _start_or_resume(cfg: TrainConfig, out: Path, cache: ActivationCache, hook: str) -> dict[str, Any] | None:
+def _start_or_resume(cfg: TrainConfig, out: Path, data: TrainingData) -> dict[str, Any] | None:
     """Prepare the output folder; with ``resume_from_checkpoint`` return the saved state instead.
 
     Raises:
@@ -462,7 +614,7 @@ def _start_or_resume(cfg: TrainConfig, out: Path, cache: ActivationCache, hook: 
     folder = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.checkpoint_dir)
     saved = load_checkpoint_state(folder)
     check_resumable(saved["config"], cfg.to_dict())
-    check_same_cache(saved.get("cache", {}), cache_identity(cache, hook))
+    check_same_cache(saved.get("cache", {}), data.identity)
     if (out / SAE_CFG_FILENAME).exists():
         if not cfg.overwrite:
             raise ConfigError(
@@ -474,6 +626,131 @@ def _start_or_resume(cfg: TrainConfig, out: Path, cache: ActivationCache, hook: 
     out.mkdir(parents=True, exist_ok=True)
     print(f"note: resuming from {folder} (step {saved['trainer']['step']} of {cfg.total_steps})")
     return saved
+
+
+# The TrainConfig fields that fix the batch stream: SAEs agreeing on all of them are fed the same
+# batches, so they can share one pass of the loader. training_tokens is not among them: the stream
+# is deterministic, so a shorter run's batches are a prefix of a longer one's. num_workers and
+# prefetch_batches change only speed (a group uses its first SAE's).
+STREAM_FIELDS = ("cache_path", "hook_name", "train_batch_size_tokens", "seed", "shuffle_buffer_tokens",
+                 "normalize_activations", "exclude_special_tokens", "device")
+
+
+def stream_key(cfg: TrainConfig) -> tuple:
+    """``cfg``'s values of ``STREAM_FIELDS``: configs with equal keys see equal batches."""
+    return tuple(getattr(cfg, name) for name in STREAM_FIELDS)
+
+
+class TrainingData:
+    """The batch stream of ``cfg`` (its ``STREAM_FIELDS``) and what every SAE trained on it shares:
+    the cache, the hook, ``d_in``, the special-token ids left out, the normalisation scale ``s``, the
+    cache's identity (for checkpoints) and the ``b_dec`` initialisation sample.
+
+    Raises:
+        CacheError: the cache is missing, incomplete, or lacks ``cfg.hook_name``.
+        TrainingError: the cache's mean norm is 0 and activations are to be normalised.
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.cache = ActivationCache.open(cfg.cache_path)
+        self.hook = self.cache.resolve_hook(cfg.hook_name)
+        self.d_in = self.cache.d_in_of(self.hook)
+        self.exclude = self.cache.special_token_ids if cfg.exclude_special_tokens else []
+        self.scale = activation_scale(self.cache.statistics(self.hook)["mean_norm"], self.d_in,
+                                      cfg.normalize_activations)
+
+    def check_d_in(self, cfg: TrainConfig) -> None:
+        """Raise ConfigError when ``cfg.d_in`` is set and differs from the cache's."""
+        if cfg.d_in is not None and cfg.d_in != self.d_in:
+            raise ConfigError(
+                f"d_in {cfg.d_in} in the config does not match the cache ({self.d_in} at {self.hook!r}); "
+                f"remove d_in or set it to {self.d_in}."
+            )
+
+    @cached_property
+    def identity(self) -> dict[str, Any]:
+        return cache_identity(self.cache, self.hook)
+
+    @cached_property
+    def rows_per_epoch(self) -> int:
+        return self.loader().rows_per_epoch()
+
+    @cached_property
+    def b_dec_sample(self) -> torch.Tensor:
+        """``[16384, d_in]`` float32 scaled rows drawn with the stream's seed (the same for the group)."""
+        return sample_activations(self.cache, self.hook, 16_384, self.cfg.seed, self.exclude) * self.scale
+
+    def loader(self) -> ActivationLoader:
+        cfg = self.cfg
+        return ActivationLoader(self.cache, self.hook, batch_size=cfg.train_batch_size_tokens,
+                                shuffle_buffer_tokens=cfg.shuffle_buffer_tokens, seed=cfg.seed,
+                                num_workers=cfg.num_workers, prefetch_batches=cfg.prefetch_batches,
+                                exclude_token_ids=self.exclude, device=cfg.device)
+
+    def batches(self, n_batches: int, skip: int = 0) -> Iterator[torch.Tensor]:
+        """Batches ``skip`` to ``skip + n_batches`` of the stream, ``[batch, d_in]`` float32, times ``s``."""
+        return (x * self.scale for x in self.loader().batches(n_batches, skip=skip))
+
+
+@dataclass
+class SAERun:
+    """One SAE being trained, from :func:`start_run` to :func:`finish_run`: its config, folder,
+    trainer and open log, the step it starts from, the activation scale to fold into the saved
+    weights, and notes on its token budget for the user."""
+
+    cfg: TrainConfig
+    output_path: Path
+    trainer: Trainer
+    logger: MetricsLogger
+    start_step: int
+    scale: float
+    notes: list[str]
+
+
+def start_run(cfg: TrainConfig, data: TrainingData) -> SAERun:
+    """Everything before one SAE's first step: its output folder (or the checkpoint to resume), the
+    SAE initialised from ``cfg.seed`` with ``b_dec`` from ``data``'s sample, ``train_config.yaml``,
+    the metrics log and the trainer. Close ``run.logger`` when training ends, then :func:`finish_run`.
+
+    Raises:
+        ConfigError: ``cfg.d_in`` disagrees with the cache, the output folder is refused (see
+            :func:`prepare_output`), or the checkpoint is missing or from another config or cache.
+    """
+    data.check_d_in(cfg)
+    out = Path(cfg.output_path)
+    saved = _start_or_resume(cfg, out, data)
+    torch.manual_seed(cfg.seed)  # the init depends on the seed alone, whether trained alone or in a group
+    sae = build_sae(cfg, data.d_in, data.hook, data.cache.attrs["model_name"], _sae_metadata(data.cache))
+    if saved is None:
+        init_b_dec(sae, data.b_dec_sample, cfg.b_dec_init_method)
+    _atomic_write(out / TRAIN_CONFIG_FILENAME, cfg.save_yaml)
+    start = saved["trainer"]["step"] if saved else 0
+    if saved is None:
+        (out / METRICS_LOG_FILENAME).unlink(missing_ok=True)
+    else:
+        MetricsLogger.truncate_after(out / METRICS_LOG_FILENAME, start)
+    sparsity_name = {"l0_coefficient": "l0_loss"}.get(sae.sparsity_coefficient_name or "", "l1_loss")
+    logger = MetricsLogger(out / METRICS_LOG_FILENAME, sparsity_name, _wandb_args(cfg, out))
+    try:
+        trainer = Trainer(sae, cfg, logger, on_checkpoint=lambda t: _checkpoint(t, data.scale, data.identity))
+        if saved is not None:
+            trainer.load_state_dict(saved)
+    except BaseException:
+        logger.close()
+        raise
+    return SAERun(cfg, out, trainer, logger, start, data.scale, _budget_notes(cfg, data.rows_per_epoch))
+
+
+def finish_run(run: SAERun, elapsed: float) -> TrainResult:
+    """Fold the activation scale into the trained SAE and save it in SAELens layout with its log10
+    feature densities (``cfg.json`` last, so a folder without it never looks finished);
+    ``elapsed`` (seconds) of training gives ``tokens_per_second``."""
+    cfg, state, sae = run.cfg, run.trainer.state, run.trainer.sae
+    sae.fold_activation_scale(run.scale)
+    sae.save(run.output_path, sparsity=_log_density(state, cfg.d_sae))
+    tokens = state.tokens_seen - run.start_step * cfg.train_batch_size_tokens
+    return TrainResult(sae, run.output_path, tokens / elapsed if elapsed else 0.0, state)
 
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
@@ -491,51 +768,91 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         TrainingError: the loss became NaN/Inf.
     """
     cfg.validate()  # configs built in Python skip from_dict's checks
-    torch.manual_seed(cfg.seed)
-    cache = ActivationCache.open(cfg.cache_path)
-    hook = cache.resolve_hook(cfg.hook_name)
-    d_in = cache.d_in_of(hook)
-    if cfg.d_in is not None and cfg.d_in != d_in:
-        raise ConfigError(
-            f"d_in {cfg.d_in} in the config does not match the cache ({d_in} at {hook!r}); "
-            f"remove d_in or set it to {d_in}."
-        )
-    out = Path(cfg.output_path)
-    saved = _start_or_resume(cfg, out, cache, hook)
-    exclude = cache.special_token_ids if cfg.exclude_special_tokens else []
-    scale = activation_scale(cache.statistics(hook)["mean_norm"], d_in, cfg.normalize_activations)
-    sae = build_sae(cfg, d_in, hook, cache.attrs["model_name"], _sae_metadata(cache))
-    if saved is None:
-        init_b_dec(sae, sample_activations(cache, hook, 16_384, cfg.seed, exclude) * scale, cfg.b_dec_init_method)
-    loader = ActivationLoader(cache, hook, batch_size=cfg.train_batch_size_tokens,
-                              shuffle_buffer_tokens=cfg.shuffle_buffer_tokens, seed=cfg.seed,
-                              num_workers=cfg.num_workers, prefetch_batches=cfg.prefetch_batches,
-                              exclude_token_ids=exclude, device=cfg.device)
-    for note in _budget_notes(cfg, loader.rows_per_epoch()):
+    data = TrainingData(cfg)
+    run = start_run(cfg, data)
+    for note in run.notes:
         print(f"note: {note}")
-    cfg.save_yaml(out / TRAIN_CONFIG_FILENAME)
-    start = saved["trainer"]["step"] if saved else 0
-    if saved is None:
-        (out / METRICS_LOG_FILENAME).unlink(missing_ok=True)
-    else:
-        MetricsLogger.truncate_after(out / METRICS_LOG_FILENAME, start)
-    sparsity_name = {"l0_coefficient": "l0_loss"}.get(sae.sparsity_coefficient_name or "", "l1_loss")
-    logger = MetricsLogger(out / METRICS_LOG_FILENAME, sparsity_name, _wandb_args(cfg, out))
     try:
-        identity = cache_identity(cache, hook)
-        trainer = Trainer(sae, cfg, logger, on_checkpoint=lambda t: _checkpoint(t, scale, identity))
-        if saved is not None:
-            trainer.load_state_dict(saved)
         t0 = time.perf_counter()
-        batches = loader.batches(cfg.total_steps - start, skip=start)
-        state = trainer.fit((x * scale for x in batches), progress=progress)
+        run.trainer.fit(data.batches(cfg.total_steps - run.start_step, skip=run.start_step), progress=progress)
         elapsed = time.perf_counter() - t0
     finally:
-        logger.close()
-    sae.fold_activation_scale(scale)
-    sae.save(out, sparsity=_log_density(state, cfg.d_sae))
-    return TrainResult(sae, out, (state.tokens_seen - start * cfg.train_batch_size_tokens) / elapsed
-                       if elapsed else 0.0, state)
+        run.logger.close()
+    return finish_run(run, elapsed)
+
+
+def train_group(cfgs: list[TrainConfig], *, progress: bool = True) -> list[TrainResult | BaseException]:
+    """Train SAEs that share one batch stream from a single pass of the loader (:func:`fit_group`).
+
+    Each SAE is set up and saved as :func:`train` does it (same folder contents) and ends with the
+    weights its single run would have. The loader runs for the longest ``training_tokens`` with the
+    first config's ``num_workers`` and ``prefetch_batches``.
+
+    Returns:
+        Per config, in order: its :class:`TrainResult`, or the error that failed it alone (NaN/Inf
+        loss, out of memory, a refused output folder). A failed SAE's folder has no ``cfg.json``.
+
+    Raises:
+        ConfigError: the configs differ in a field of ``STREAM_FIELDS``, share an output_path, or
+            one asks to resume (resume a stopped SAE alone with :func:`train`).
+        CacheError: the cache is missing, incomplete, or lacks the hook.
+    """
+    _check_one_stream(cfgs)
+    data = TrainingData(cfgs[0])
+    outcomes: list[TrainResult | BaseException | None] = [None] * len(cfgs)
+    runs: dict[int, SAERun] = {}
+    for i, cfg in enumerate(cfgs):
+        try:
+            runs[i] = start_run(cfg, data)
+        except Exception as err:
+            if not (isinstance(err, SaePipelineError) or is_point_failure(err)):
+                raise
+            outcomes[i] = err
+    _print_group_notes(list(runs.values()))
+    order = list(runs)
+    elapsed, failures = 0.0, {}
+    try:
+        if order:
+            t0 = time.perf_counter()
+            n_batches = max(cfgs[i].total_steps for i in order)
+            failures = fit_group([runs[i].trainer for i in order], data.batches(n_batches), progress=progress)
+            elapsed = time.perf_counter() - t0
+    finally:
+        for run in runs.values():
+            run.logger.close()
+    for j, i in enumerate(order):
+        outcomes[i] = failures[j] if j in failures else finish_run(runs[i], elapsed)
+    return outcomes
+
+
+def _check_one_stream(cfgs: list[TrainConfig]) -> None:
+    """Raise ConfigError unless ``cfgs`` can share one stream (see :func:`train_group`)."""
+    if not cfgs:
+        raise ConfigError("train_group got no configs; pass at least one TrainConfig.")
+    for cfg in cfgs:
+        cfg.validate()
+        diffs = [name for name in STREAM_FIELDS if getattr(cfg, name) != getattr(cfgs[0], name)]
+        if diffs:
+            raise ConfigError(
+                f"{cfg.output_path!r} and {cfgs[0].output_path!r} differ in {', '.join(diffs)}, which fix the "
+                "batch stream; train them in separate groups."
+            )
+        if cfg.resume_from_checkpoint is not None:
+            raise ConfigError(f"{cfg.output_path!r} asks to resume, which a group cannot; resume it alone with "
+                              "`sae-pipeline train --resume`.")
+    paths = [str(Path(cfg.output_path).resolve()) for cfg in cfgs]
+    if len(set(paths)) != len(paths):
+        raise ConfigError("two configs of the group share an output_path; give each SAE its own folder.")
+
+
+def _print_group_notes(runs: list[SAERun]) -> None:
+    """Each distinct budget note once, naming the SAE folders it applies to."""
+    folders: dict[str, list[str]] = {}
+    for run in runs:
+        for note in run.notes:
+            folders.setdefault(note, []).append(run.output_path.name)
+    for note, names in folders.items():
+        print(f"note ({', '.join(names)}): {note}")
 
 
 def _log_density(state: TrainerState, d_sae: int) -> torch.Tensor:

@@ -126,19 +126,20 @@ def _grads(sae, x, dead, forward):
     return fwd, {name: p.grad.clone() for name, p in sae.named_parameters()}
 
 
-@pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
+@pytest.mark.parametrize("apply_b_dec_to_input,rescale", [(True, False), (False, False), (True, True)])
 # AuxK branches: dense block with top-k (k_aux=8 < n_dead), dense block without a sort (k_aux ≥
 # n_dead), sparse kernels (n_dead > 8·k_aux)
 @pytest.mark.parametrize("dead_fraction,k_aux", [(0.0, None), (0.5, None), (0.5, 64), (0.5, 2)])
-def test_topk_sparse_path_matches_dense_reference(apply_b_dec_to_input, dead_fraction, k_aux):
+def test_topk_sparse_path_matches_dense_reference(apply_b_dec_to_input, rescale, dead_fraction, k_aux):
     torch.manual_seed(1)
-    cfg = SAEConfig(
-        "topk", d_in=16, d_sae=64, k=4, k_aux=k_aux, dtype="float64", apply_b_dec_to_input=apply_b_dec_to_input
-    )
+    cfg = SAEConfig("topk", d_in=16, d_sae=64, k=4, k_aux=k_aux, dtype="float64",
+                    apply_b_dec_to_input=apply_b_dec_to_input, rescale_acts_by_decoder_norm=rescale)
     sae = TopKSAE(cfg)
     with torch.no_grad():
         sae.b_dec.normal_()
         sae.b_enc.normal_(std=0.1)
+        if rescale:  # rows of norms 0.2–5 so ranking by h·||W_dec,i|| differs from ranking by h
+            sae.W_dec.mul_(torch.exp(torch.empty(64, 1, dtype=torch.float64).uniform_(-1.6, 1.6)))
     x = torch.randn(32, 16, dtype=torch.float64)
     dead = (torch.rand(64) < dead_fraction) if dead_fraction else None
     sparse, g_sparse = _grads(sae, x, dead, topk_training_forward_sparse)
@@ -181,6 +182,60 @@ def test_parallel_gradient_removal_and_renormalisation():
         sae.W_dec.mul_(torch.rand(16, 1) + 0.5)
     sae.after_optimizer_step()
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(16))
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_topk_rescaled_by_decoder_norm_by_hand(topk_hand, sparse):
+    topk_hand.cfg.rescale_acts_by_decoder_norm = True
+    topk_hand.use_sparse_kernels = sparse
+    with torch.no_grad():
+        topk_hand.W_dec[1] = torch.tensor([0.0, 4.0])  # norm 4
+    # token 1: h = [3, 1, -3, 2] ranks as h·||W_dec|| = [3, 4, -3, 2] → latents 1 and 0 (not 3);
+    # f = [3, 1·4, 0, 0]; x̂ = 3·[1, 0] + 1·[0, 4] = [3, 4]; error² = 0 + 9.
+    # token 2: h = [-1, -2, 1, -1.5] ranks as [-1, -8, 1, -1.5] → latents 2 and 0; f = [0, 0, 1, 0];
+    # x̂ = [-1, 0]; error² = 0 + 4.
+    expected = torch.tensor([[3.0, 4.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    assert torch.allclose(topk_hand.encode(X_TOPK), expected)
+    assert torch.allclose(topk_hand(X_TOPK), torch.tensor([[3.0, 4.0], [-1.0, 0.0]]))
+    out = topk_hand.training_loss(X_TOPK, sparsity_coefficient=0.0, dead_mask=None)
+    assert out.mse_loss.item() == pytest.approx(6.5)
+    assert torch.allclose(SparseLatents.to_dense(out.feature_acts), expected)
+    # the free decoder is left alone by the optimiser hooks
+    topk_hand.W_dec.grad = torch.ones(4, 2)
+    topk_hand.before_optimizer_step()
+    topk_hand.after_optimizer_step()
+    assert torch.equal(topk_hand.W_dec.grad, torch.ones(4, 2))
+    assert topk_hand.W_dec[1].norm().item() == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("architecture,k", [("topk", 3), ("batchtopk", 3.0)])
+def test_fold_decoder_norms_keeps_latents_and_output(tmp_path, architecture, k):
+    torch.manual_seed(6)
+    cfg = SAEConfig(architecture, d_in=8, d_sae=24, k=k, dtype="float64", rescale_acts_by_decoder_norm=True)
+    sae = get_architecture(architecture)(cfg)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(24, 1, dtype=torch.float64) * 3 + 0.2)
+        sae.b_enc.normal_(std=0.1)
+        sae.b_dec.normal_()
+        if architecture == "batchtopk":
+            sae.topk_threshold.fill_(0.3)
+    x = torch.randn(30, 8, dtype=torch.float64)
+    latents, recon = sae.encode(x), sae(x)
+    assert (latents > 0).any()
+    sae.save(tmp_path / "saved")  # saving folds a copy; the live SAE keeps training as it was
+    assert sae.cfg.rescale_acts_by_decoder_norm
+    loaded = SAE.load(tmp_path / "saved")
+    sae.fold_decoder_norms()
+    for folded in (sae, loaded):
+        assert not folded.cfg.rescale_acts_by_decoder_norm
+        assert torch.allclose(folded.W_dec.norm(dim=1), torch.ones(24, dtype=torch.float64))
+        assert torch.allclose(folded.encode(x), latents)
+        assert torch.allclose(folded(x), recon)
+
+
+def test_rescale_is_refused_outside_the_topk_family():
+    with pytest.raises(ConfigError, match="only for the TopK family"):
+        StandardSAE(SAEConfig("standard", d_in=4, d_sae=8, rescale_acts_by_decoder_norm=True))
 
 
 def test_initialisation():

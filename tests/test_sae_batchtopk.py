@@ -202,7 +202,7 @@ def test_matryoshka_widths_checks():
         MatryoshkaSAE(SAEConfig("matryoshka", d_in=D_IN, d_sae=D_SAE, k=2, matryoshka_widths=[D_SAE]))
     for widths, match in [([], "needs matryoshka_widths"), ([8, 8, D_SAE], "strictly increasing"),
                           ([32, 8, D_SAE], "strictly increasing"), ([0, D_SAE], "integers"),
-                          ([8, D_SAE + 1], "integers"), ([8.5, D_SAE], "integers")]:
+                          ([8, D_SAE + 1], "integers"), ([8.5, D_SAE], r"matryoshka_widths\[0\] must be int")]:
         with pytest.raises(ConfigError, match=match):
             MatryoshkaSAE(SAEConfig("matryoshka", d_in=D_IN, d_sae=D_SAE, k=2, matryoshka_widths=widths))
 

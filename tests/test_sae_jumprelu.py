@@ -149,6 +149,7 @@ def test_training_matches_sae_lens(mode, pre_act):
 
 def test_threshold_projection_and_decoder_constraint():
     sae = random_jumprelu("step")
+    sae.cfg.jumprelu_unit_norm_decoder = True  # Gemma Scope's constraint (off by default)
     with torch.no_grad():
         sae.threshold[:5] = -0.1
     x = torch.randn(16, D_IN, dtype=torch.float64)
@@ -163,10 +164,14 @@ def test_threshold_projection_and_decoder_constraint():
     assert (sae.threshold >= 0).all()
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(D_SAE, dtype=torch.float64))
 
-    tanh = random_jumprelu("tanh")
-    norms = tanh.W_dec.norm(dim=1).clone()
-    tanh.after_optimizer_step()  # the tanh recipe leaves the decoder free
-    assert torch.equal(tanh.W_dec.norm(dim=1), norms)
+    # by default (SAELens's recipe) and in tanh mode the decoder is left free
+    for free in (random_jumprelu("step"), random_jumprelu("tanh")):
+        norms = free.W_dec.norm(dim=1).clone()
+        free.W_dec.grad = torch.ones_like(free.W_dec)
+        free.before_optimizer_step()
+        free.after_optimizer_step()
+        assert torch.equal(free.W_dec.grad, torch.ones_like(free.W_dec))
+        assert torch.equal(free.W_dec.norm(dim=1), norms)
 
 
 def test_init_and_config_checks():

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.errors import ConfigError
+from pipeline.fieldtypes import check_dataclass_types
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -75,6 +76,9 @@ class SAEConfig:
         k_aux: AuxK latents per token (``topk`` only); None means ``d_in // 2``
             (Gao et al. 2024, appendix A.2).
         aux_k_coefficient: weight α of the AuxK loss (TopK family); Gao et al. use 1/32.
+        rescale_acts_by_decoder_norm: TopK family: free decoder rows, ranked and reported in units
+            of ``h · ||W_dec,i||`` (SAELens's field; see :class:`~pipeline.sae.topk.TopKFamilySAE`).
+            False keeps the rows at unit norm. Saved SAEs always have it False (norms folded).
         topk_threshold_lr: EMA rate of the inference threshold learnt by ``batchtopk`` and
             ``matryoshka`` (Bussmann et al. 2024, §3.2; SAELens's name and default).
         matryoshka_widths: increasing prefix widths ``m_1 < ... < m_n = d_sae`` (``matryoshka``).
@@ -83,6 +87,8 @@ class SAEConfig:
         jumprelu_sparsity_loss_mode: ``"step"`` (L0 via the step function, Rajamanoharan et al.
             2024b) or ``"tanh"`` (Anthropic's tanh penalty) for ``jumprelu``.
         jumprelu_tanh_scale: c in ``tanh(c · f_i ||W_dec,i||)`` (``tanh`` mode).
+        jumprelu_unit_norm_decoder: ``step`` mode: keep ``W_dec`` rows at unit norm (Gemma Scope's
+            recipe) instead of leaving them free (SAELens's; the default).
         pre_act_loss_coefficient: weight of Anthropic's pre-activation loss on dead latents
             (``jumprelu``; None disables it).
         use_ghost_grads: add the ghost-grad loss on dead latents (``standard``; Jermyn &
@@ -103,17 +109,20 @@ class SAEConfig:
     normalize_activations: str = "none"
     k_aux: int | None = None
     aux_k_coefficient: float = 1.0 / 32.0
+    rescale_acts_by_decoder_norm: bool = False
     topk_threshold_lr: float = 0.01
     matryoshka_widths: list[int] = field(default_factory=list)
     jumprelu_init_threshold: float = 0.01
     jumprelu_bandwidth: float = 0.05
     jumprelu_sparsity_loss_mode: str = "step"
     jumprelu_tanh_scale: float = 4.0
+    jumprelu_unit_norm_decoder: bool = False
     pre_act_loss_coefficient: float | None = None
     use_ghost_grads: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_dataclass_types(self)  # cfg.json files come from anywhere
         for name in ("d_in", "d_sae"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -230,6 +239,8 @@ class SAE(nn.Module):
     # its warm-up field; None when the architecture fixes sparsity itself (TopK family).
     sparsity_coefficient_name: ClassVar[str | None] = None
     sparsity_warm_up_name: ClassVar[str | None] = None
+    # Whether the architecture implements cfg.rescale_acts_by_decoder_norm (the TopK family).
+    rescales_by_decoder_norm: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -242,6 +253,11 @@ class SAE(nn.Module):
             raise ConfigError(
                 f"k={cfg.k} is set but architecture {cfg.architecture!r} has no k; remove k or use a TopK-family "
                 "architecture (topk, batchtopk, matryoshka)."
+            )
+        if cfg.rescale_acts_by_decoder_norm and not self.rescales_by_decoder_norm:
+            raise ConfigError(
+                f"rescale_acts_by_decoder_norm is only for the TopK family (topk, batchtopk, matryoshka), "
+                f"not {cfg.architecture!r}; set it to false."
             )
         self.cfg = cfg
         self.create_parameters({"dtype": cfg.torch_dtype, "device": torch.device(cfg.device)})

@@ -8,9 +8,10 @@ numbers refer to that paper), with ``h = (x - b_dec) W_enc + b_enc`` (:meth:`SAE
   different numbers of latents and the batch averages k (``k`` may be fractional). ``int``
   truncates as SAELens 6.54.12 does, so ``k · B`` in floating point can lose one (0.29 · 100
   gives 28).
-- decode:  ``x̂ = f W_dec + b_dec``; ``W_dec`` rows kept at unit norm exactly as ``topk``
-  (:class:`~pipeline.sae.topk.TopKFamilySAE`), so ranking ``h`` equals ranking
-  ``h · ||W_dec,i||`` (SAELens's ``rescale_acts_by_decoder_norm``).
+- decode:  ``x̂ = f W_dec + b_dec`` with ``W_dec`` rows at unit norm, or, under
+  ``rescale_acts_by_decoder_norm``, ``h`` replaced by ``h · ||W_dec,i||`` in the selection and
+  ``x̂ = Σ f_i W_dec,i / ||W_dec,i|| + b_dec`` — the decoder handling of ``topk``
+  (:class:`~pipeline.sae.topk.TopKFamilySAE`).
 - loss:  ``L = ||x - x̂||²₂ + α L_aux`` with ``topk``'s AuxK (Gao et al. 2024, appendix A.2;
   :func:`~pipeline.sae.topk.aux_k_loss`: per-token top ``k_aux`` dead latents, ReLU applied).
 - inference (§3.2):  a JumpReLU with one global threshold θ, ``f = ReLU(h) · 1[h > θ]``, so a
@@ -30,8 +31,10 @@ dtype — which :meth:`SAE.load` returns as a :class:`~pipeline.sae.jumprelu.Jum
 ``training_architecture_details`` (k, ``topk_threshold_lr``), as SAELens does.
 
 Folding an activation scale s leaves ``h`` unchanged (see :meth:`SAE.fold_activation_scale`), so θ
-stays as it is. (SAELens divides its θ by s only under ``rescale_acts_by_decoder_norm``, where θ is
-in units of ``h · ||W_dec,i||`` and the fold shrinks ``W_dec``; our θ is in units of ``h``.)
+stays as it is. Under ``rescale_acts_by_decoder_norm`` θ is in units of ``h · ||W_dec,i||``; the
+decoder norms are folded into the encoder first (:meth:`TopKFamilySAE.fold_decoder_norms`, which
+keeps those units), so θ still stays. (SAELens folds the scale without folding the norms and
+divides θ by s instead.)
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from torch import Tensor
 from pipeline.errors import ConfigError
 from pipeline.sae.base import SAEConfig, TrainStepOutput
 from pipeline.sae.jumprelu import jumprelu
-from pipeline.sae.topk import TopKFamilySAE, aux_k_loss, aux_recon_dense, reconstruction_mse
+from pipeline.sae.topk import TopKFamilySAE, rank_scores, aux_k_loss, aux_recon_dense, reconstruction_mse
 
 
 def batch_topk(pre: Tensor, k: float) -> Tensor:
@@ -99,7 +102,7 @@ class BatchTopKSAE(TopKFamilySAE):
         """Inference latents ``ReLU(h) · 1[h > θ]`` with the learnt global θ (§3.2):
         ``[..., d_in] → [..., d_sae]`` dense, parameter dtype (θ cast to it)."""
         self._check_d_in(x)
-        return jumprelu(self.hidden_pre(x), self.topk_threshold)
+        return jumprelu(rank_scores(self.hidden_pre(x), self.decoder_norms()), self.topk_threshold)
 
     def training_loss(
         self, x: Tensor, *, sparsity_coefficient: float = 0.0, dead_mask: Tensor | None = None
@@ -116,7 +119,7 @@ class BatchTopKSAE(TopKFamilySAE):
         """
         x, dead_mask = self._training_inputs(x, dead_mask)
         pre = self.hidden_pre(x)
-        feature_acts = batch_topk(pre, self.cfg.k)
+        feature_acts = batch_topk(rank_scores(pre, self.decoder_norms()), self.cfg.k)
         sae_out = self.decode(feature_acts)
         mse_loss = reconstruction_mse(sae_out, x)
         aux_loss = aux_k_loss(x, sae_out, aux_recon_dense(self, pre, dead_mask))
@@ -148,7 +151,7 @@ class BatchTopKSAE(TopKFamilySAE):
         """Training fields a JumpReLU config has no room for, written to ``metadata``."""
         return {"k": self.cfg.k, "topk_threshold_lr": self.cfg.topk_threshold_lr}
 
-    def export(self) -> tuple[SAEConfig, dict[str, Tensor]]:
+    def export_unit_decoder(self) -> tuple[SAEConfig, dict[str, Tensor]]:
         """A ``jumprelu`` config (k removed, ``training_architecture`` and its details added to
         ``metadata``) and tensors ``W_enc, b_enc, W_dec, b_dec`` plus ``threshold [d_sae]`` filled
         with θ in the SAE dtype — what SAELens's ``save_inference_model`` writes."""

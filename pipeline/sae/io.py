@@ -64,7 +64,8 @@ def _atomic_write(target: Path, write) -> None:
 # resumes or fine-tunes with the same settings (SAELens has no keys for them).
 TRAINING_FIELDS = ("k_aux", "aux_k_coefficient", "topk_threshold_lr", "matryoshka_widths",
                    "jumprelu_init_threshold", "jumprelu_bandwidth", "jumprelu_sparsity_loss_mode",
-                   "jumprelu_tanh_scale", "pre_act_loss_coefficient", "use_ghost_grads")
+                   "jumprelu_tanh_scale", "jumprelu_unit_norm_decoder", "pre_act_loss_coefficient",
+                   "use_ghost_grads")
 
 
 def sae_cfg_dict(cfg: SAEConfig) -> dict[str, Any]:
@@ -116,10 +117,11 @@ def save_sae(sae: SAE, path: str | Path, sparsity: Tensor | None = None) -> Path
     cfg_json = sae_cfg_dict(cfg)
     cfg_json["dtype"] = _dtype_name(state["W_dec"].dtype)
     _atomic_write(folder / SAE_WEIGHTS_FILENAME, lambda p: save_file(state, p))
-    _atomic_write(folder / SAE_CFG_FILENAME, lambda p: p.write_text(json.dumps(cfg_json, indent=2)))
     if sparsity is not None:
         tensor = sparsity.detach().float().cpu().contiguous()
         _atomic_write(folder / SPARSITY_FILENAME, lambda p: save_file({"sparsity": tensor}, p))
+    # cfg.json last: a folder that has one holds the whole SAE, even after a kill mid-save
+    _atomic_write(folder / SAE_CFG_FILENAME, lambda p: p.write_text(json.dumps(cfg_json, indent=2)))
     return folder
 
 
@@ -138,19 +140,11 @@ def _require_file(folder: Path, name: str) -> Path:
 
 
 def read_cfg(path: str | Path) -> SAEConfig:
-    """Parse ``cfg.json`` of an SAE folder; see :func:`_parse_cfg` (raises SAEFormatError)."""
-    return _parse_cfg(path)[0]
-
-
-def _parse_cfg(path: str | Path) -> tuple[SAEConfig, bool]:
     """Parse ``cfg.json`` of an SAE folder (ours or SAELens's) into an :class:`SAEConfig`.
 
     Keys SAELens adds for training (``l1_coefficient``, ``decoder_init_norm``, ...) are ignored.
     Configs from before SAELens 6 (``hook_point``, top-level ``hook_name``/``model_name``, no
     ``architecture``, ``activation_fn_kwargs.k``) are mapped as SAELens maps them.
-
-    Returns:
-        the config and SAELens's ``rescale_acts_by_decoder_norm`` flag (topk; else False).
 
     Raises:
         SAEFormatError: the file is missing, not JSON, lacks a field, or uses an unsupported
@@ -167,7 +161,13 @@ def _parse_cfg(path: str | Path) -> tuple[SAEConfig, bool]:
     metadata = raw.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise SAEFormatError(f"{cfg_path}: 'metadata' must be an object, got {type(metadata).__name__}.")
+    for key in ("activation_fn_kwargs", PIPELINE_METADATA_KEY):
+        holder = metadata if key == PIPELINE_METADATA_KEY else raw
+        if not isinstance(holder.get(key) or {}, dict):
+            raise SAEFormatError(f"{cfg_path}: {key!r} must be an object, got {holder[key]!r}.")
     architecture = raw.get("architecture")
+    if not isinstance(architecture, (str, type(None))):
+        raise SAEFormatError(f"{cfg_path}: 'architecture' must be a string, got {architecture!r}.")
     kwargs_k = (raw.get("activation_fn_kwargs") or {}).get("k")
     if architecture is None:  # pre-6.0 SAELens: a topk activation or the standard SAE
         architecture = "topk" if raw.get("activation_fn") == "topk" and kwargs_k else "standard"
@@ -203,7 +203,7 @@ def _parse_cfg(path: str | Path) -> tuple[SAEConfig, bool]:
         model_name=metadata.get("model_name") or raw.get("model_name") or "",
         dtype=raw.get("dtype", "float32"),
         device=raw.get("device", "cpu"),
-        apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
+        apply_b_dec_to_input=raw.get("apply_b_dec_to_input", True),
         normalize_activations=raw.get("normalize_activations", "none"),
         metadata=extra,
     )
@@ -213,7 +213,7 @@ def _parse_cfg(path: str | Path) -> tuple[SAEConfig, bool]:
         cfg = SAEConfig(**fields)
     except ConfigError as err:
         raise SAEFormatError(f"{cfg_path}: {err}") from None
-    return cfg, bool(raw.get("rescale_acts_by_decoder_norm", False))
+    return cfg
 
 
 def _ignorable_scaling_factor(f, weights_path: Path) -> set[str]:
@@ -272,9 +272,9 @@ def load_sae(path: str | Path, device: str = "cpu") -> SAE:
     """Load an SAE folder written by us or by SAELens (architectures in ``ARCHITECTURES``).
 
     A SAELens TopK SAE saved with ``rescale_acts_by_decoder_norm=True`` selects on
-    ``h_i ||W_dec,i||`` and decodes ``f_i / ||W_dec,i||``; scaling ``W_enc[:, i]`` and ``b_enc[i]``
-    by ``n_i = ||W_dec,i||`` and dividing ``W_dec,i`` by it gives the same latents and output with
-    plain encode/decode, so the loader folds those norms in.
+    ``h_i ||W_dec,i||`` and decodes ``f_i / ||W_dec,i||``; the loader folds those norms into the
+    encoder (:meth:`~pipeline.sae.topk.TopKFamilySAE.fold_decoder_norms`: same latents and output,
+    unit-norm decoder rows, flag False).
 
     Returns:
         the registered subclass, parameters on ``device`` in cfg.json's dtype.
@@ -285,7 +285,7 @@ def load_sae(path: str | Path, device: str = "cpu") -> SAE:
     folder = Path(path)
     if not folder.is_dir():
         raise SAEFormatError(f"SAE folder {folder} does not exist; check the path.")
-    cfg, rescale = _parse_cfg(folder)
+    cfg = read_cfg(folder)
     cfg.device = device
     try:
         sae = ARCHITECTURES[cfg.architecture](cfg)
@@ -296,11 +296,8 @@ def load_sae(path: str | Path, device: str = "cpu") -> SAE:
     with torch.no_grad():
         for name, tensor in state.items():
             targets[name].copy_(tensor)
-        if rescale:
-            norms = sae.W_dec.norm(dim=1)
-            sae.W_enc.mul_(norms)
-            sae.b_enc.mul_(norms)
-            sae.W_dec.div_(norms[:, None])
+    if cfg.rescale_acts_by_decoder_norm:
+        sae.fold_decoder_norms()
     return sae
 
 

@@ -77,7 +77,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         losses = {}
         recon, start = self.b_dec, 0
         for width in self.cfg.matryoshka_widths[:-1]:
-            recon = recon + feature_acts[:, start:width] @ self.W_dec[start:width]
+            recon = recon + self.decoder_weights(feature_acts[:, start:width], start, width) @ self.W_dec[start:width]
             losses[f"inner_mse_loss_{width}"] = reconstruction_mse(recon, x)
             start = width
         return losses

@@ -8,7 +8,8 @@ section numbers refer to that paper):
   paper's reference code use).
 - decode:  ``x̂ = f W_dec + b_dec``; ``W_dec`` rows are kept at unit norm (§2.1, appendix A.4):
   the gradient component parallel to each row is removed before the optimiser step, and rows are
-  renormalised after it.
+  renormalised after it. Or, with ``rescale_acts_by_decoder_norm`` (SAELens's training default,
+  and ours), rows are free and TopK ranks ``h_i · ||W_dec,i||`` (see :class:`TopKFamilySAE`).
 - loss:  ``L = ||x - x̂||²₂ + α · L_aux`` (squared error summed over d_in and averaged over the
   batch, the same normalisation as ``standard``, so losses compare across architectures).
 - AuxK (appendix A.2):  ``e = x - x̂`` (detached), ``ê = f_aux W_dec`` where ``f_aux`` keeps the
@@ -32,6 +33,7 @@ Shared with ``batchtopk`` and ``matryoshka``: :class:`TopKFamilySAE` (unit-norm 
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 
@@ -163,13 +165,16 @@ def _aux_k(sae: TopKSAE, n_dead: int) -> int:
 
 def topk_training_forward_sparse(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None) -> TopKForward:
     """Training forward on ``x: [batch, d_in]`` through the k selected latents only (fast path)."""
+    norms = sae.decoder_norms()
     with torch.no_grad():
         sae_in = sae.sae_in(x)
         pre = torch.addmm(sae.b_enc, sae_in, sae.W_enc)
-        top = pre.topk(sae.cfg.k, dim=-1, sorted=False)
-    selected = _encode_selected(sae, sae_in, top.indices, top.values)
-    values = torch.relu(selected)
-    sae_out = F.embedding_bag(top.indices, sae.W_dec, per_sample_weights=values, mode="sum") + sae.b_dec
+        top = rank_scores(pre, norms).topk(sae.cfg.k, dim=-1, sorted=False)
+        raw = pre.gather(-1, top.indices) if norms is not None else top.values
+    # ReLU(h) weighs the rows of W_dec as they are; latents are reported as ReLU(h)·||W_dec,i||.
+    weights = torch.relu(_encode_selected(sae, sae_in, top.indices, raw))
+    sae_out = F.embedding_bag(top.indices, sae.W_dec, per_sample_weights=weights, mode="sum") + sae.b_dec
+    values = weights if norms is None else weights * norms[top.indices]
     aux_recon = None
     n_dead = 0 if dead_mask is None else int(dead_mask.sum())
     if n_dead > 0:
@@ -183,42 +188,53 @@ def topk_training_forward_sparse(sae: TopKSAE, x: Tensor, dead_mask: Tensor | No
             if k_aux == n_dead:  # every dead latent is selected; skip the sort
                 block = torch.relu(pre_dead)
             else:
-                aux_top = pre_dead.topk(k_aux, dim=-1, sorted=False)
-                block = torch.zeros_like(pre_dead).scatter(-1, aux_top.indices, torch.relu(aux_top.values))
+                dead_norms = None if norms is None else norms.index_select(0, dead_ids)
+                aux_idx = rank_scores(pre_dead.detach(), dead_norms).topk(k_aux, dim=-1, sorted=False).indices
+                block = torch.zeros_like(pre_dead).scatter(-1, aux_idx, torch.relu(pre_dead.gather(-1, aux_idx)))
             aux_recon = block @ sae.W_dec.index_select(0, dead_ids)
         else:
             with torch.no_grad():
-                aux_values, positions = _dead_topk(pre, dead_ids, k_aux)
-            aux_ids = dead_ids[positions]
-            aux_acts = torch.relu(_encode_selected(sae, sae_in, aux_ids, aux_values))
+                _, positions = _dead_topk(rank_scores(pre, norms), dead_ids, k_aux)
+                aux_ids = dead_ids[positions]
+                aux_raw = pre.gather(-1, aux_ids)
+            aux_acts = torch.relu(_encode_selected(sae, sae_in, aux_ids, aux_raw))
             aux_recon = F.embedding_bag(aux_ids, sae.W_dec, per_sample_weights=aux_acts, mode="sum")
     return TopKForward(values, top.indices, sae_out, aux_recon)
 
 
-def aux_recon_dense(sae: SAE, pre: Tensor, dead_mask: Tensor | None) -> Tensor | None:
+def rank_scores(pre: Tensor, norms: Tensor | None) -> Tensor:
+    """What TopK selection ranks: ``pre`` itself, or ``pre · ||W_dec,i||`` (``norms: [d_sae]`` or
+    the matching slice) under ``rescale_acts_by_decoder_norm``."""
+    return pre if norms is None else pre * norms
+
+
+def aux_recon_dense(sae: TopKFamilySAE, pre: Tensor, dead_mask: Tensor | None) -> Tensor | None:
     """AuxK reconstruction ``ê = f_aux W_dec`` from dense pre-activations ``pre: [batch, d_sae]``.
 
-    ``f_aux`` keeps, per token, the ``k_aux`` largest entries of ``pre`` among latents with
-    ``dead_mask: [d_sae]`` True, ReLU applied (Gao et al. 2024, appendix A.2). Returns
+    ``f_aux`` keeps, per token, the ``k_aux`` largest entries of ``pre`` (ranked as
+    :func:`rank_scores` says) among latents with ``dead_mask: [d_sae]`` True, ReLU applied (Gao et al.
+    2024, appendix A.2). Returns
     ``[batch, d_in]`` in the parameter dtype, or None when no latent is dead.
     """
     n_dead = 0 if dead_mask is None else int(dead_mask.sum())
     if n_dead == 0:
         return None
-    masked = pre.masked_fill(~dead_mask, float("-inf"))
-    aux_top = masked.topk(_aux_k(sae, n_dead), dim=-1, sorted=False)
-    aux_dense = torch.zeros_like(pre).scatter(-1, aux_top.indices, torch.relu(aux_top.values))
+    masked = rank_scores(pre.detach(), sae.decoder_norms()).masked_fill(~dead_mask, float("-inf"))
+    aux_idx = masked.topk(_aux_k(sae, n_dead), dim=-1, sorted=False).indices
+    aux_dense = torch.zeros_like(pre).scatter(-1, aux_idx, torch.relu(pre.gather(-1, aux_idx)))
     return aux_dense @ sae.W_dec
 
 
 def topk_training_forward_dense(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None) -> TopKForward:
     """Reference training forward: dense ``[batch, d_sae]`` latents and plain matmuls."""
     pre = sae.hidden_pre(x)
-    top = pre.topk(sae.cfg.k, dim=-1, sorted=False)
-    values = torch.relu(top.values)
-    dense = torch.zeros_like(pre).scatter(-1, top.indices, values)
+    norms = sae.decoder_norms()
+    indices = rank_scores(pre.detach(), norms).topk(sae.cfg.k, dim=-1, sorted=False).indices
+    weights = torch.relu(pre.gather(-1, indices))
+    dense = torch.zeros_like(pre).scatter(-1, indices, weights)
     sae_out = dense @ sae.W_dec + sae.b_dec
-    return TopKForward(values, top.indices, sae_out, aux_recon_dense(sae, pre, dead_mask))
+    values = weights if norms is None else weights * norms[indices]
+    return TopKForward(values, indices, sae_out, aux_recon_dense(sae, pre, dead_mask))
 
 
 def reconstruction_mse(sae_out: Tensor, x: Tensor) -> Tensor:
@@ -257,12 +273,25 @@ def normalize_rows(W_dec: Tensor) -> None:
 
 
 class TopKFamilySAE(SAE):
-    """What ``topk``, ``batchtopk`` and ``matryoshka`` share: unit-norm decoder rows (tied init,
-    parallel-gradient removal, renormalisation), a geometric-median ``b_dec`` and AuxK's ``k_aux``.
+    """What ``topk``, ``batchtopk`` and ``matryoshka`` share: the decoder-norm handling, tied
+    init, a geometric-median ``b_dec`` and AuxK's ``k_aux``.
+
+    Decoder norms, two ways (``cfg.rescale_acts_by_decoder_norm``):
+
+    - False (Gao et al. 2024, §2.1 and A.4): ``W_dec`` rows are kept at unit norm — the gradient
+      component parallel to each row is removed before the optimiser step and rows are
+      renormalised after it.
+    - True (SAELens's TopK training default, same name): ``W_dec`` is free. Selection ranks
+      ``h_i · ||W_dec,i||``, the reconstruction is ``Σ_selected ReLU(h_i) W_dec,i + b_dec``, and the
+      reported latent is ``f_i = ReLU(h_i) · ||W_dec,i||`` (what the latent would be with that row
+      rescaled to unit norm, so ``x̂ = Σ f_i W_dec,i / ||W_dec,i|| + b_dec``). :meth:`fold_decoder_norms`
+      turns it into the unit-norm form exactly (saving does this).
 
     Raises:
         ConfigError: ``k_aux`` is set and not positive.
     """
+
+    rescales_by_decoder_norm = True
 
     def __init__(self, cfg: SAEConfig) -> None:
         if cfg.k_aux is not None and cfg.k_aux <= 0:
@@ -270,7 +299,59 @@ class TopKFamilySAE(SAE):
         super().__init__(cfg)
 
     def reset_parameters(self) -> None:
-        self.init_tied_weights(1.0)  # unit-norm decoder rows, kept unit norm during training
+        self.init_tied_weights(1.0)  # unit-norm decoder rows (kept so unless rescaling)
+
+    def decoder_norms(self) -> Tensor | None:
+        """``[d_sae]`` row norms ``||W_dec,i||`` (no gradient) when ``rescale_acts_by_decoder_norm``,
+        else None (rows are unit norm)."""
+        if not self.cfg.rescale_acts_by_decoder_norm:
+            return None
+        return self.W_dec.detach().norm(dim=1).clamp_min(1e-12)
+
+    def decoder_weights(self, feature_acts: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+        """Reported latents ``feature_acts: [..., stop - start]`` (latents ``start:stop``) turned into
+        the weights of the rows of ``W_dec`` in the reconstruction (divided by the row norms when
+        rescaling; unchanged otherwise)."""
+        norms = self.decoder_norms()
+        return feature_acts if norms is None else feature_acts / norms[start:stop]
+
+    def decode(self, feature_acts: Tensor) -> Tensor:
+        """``x̂ = (f / ||W_dec||) W_dec + b_dec`` when rescaling, else ``f W_dec + b_dec``:
+        ``[..., d_sae] → [..., d_in]``."""
+        return self.decoder_weights(feature_acts.to(self.W_dec.dtype)) @ self.W_dec + self.b_dec
+
+    @torch.no_grad()
+    def fold_decoder_norms(self) -> None:
+        """Make the decoder unit norm without changing any latent or reconstruction: with
+        ``n = ||W_dec,i||``, ``W_enc[:, i] ← n W_enc[:, i]``, ``b_enc ← n b_enc``, ``W_dec,i ← W_dec,i / n``
+        (SAELens's ``fold_W_dec_norm`` for TopK). Sets ``rescale_acts_by_decoder_norm`` to False."""
+        norms = self.decoder_norms()
+        if norms is None:
+            return
+        self.W_enc.mul_(norms)
+        self.b_enc.mul_(norms)
+        self.W_dec.div_(norms[:, None])
+        self.cfg.rescale_acts_by_decoder_norm = False
+
+    @torch.no_grad()
+    def fold_activation_scale(self, scale: float) -> None:
+        """:meth:`SAE.fold_activation_scale` after :meth:`fold_decoder_norms` (so a BatchTopK
+        threshold, in units of the rescaled latents, stays valid)."""
+        self.fold_decoder_norms()
+        super().fold_activation_scale(scale)
+
+    def export(self) -> tuple[SAEConfig, dict[str, Tensor]]:
+        """What :meth:`export_unit_decoder` gives for a copy with the decoder norms folded (so saved
+        SAEs always have unit-norm rows and plain TopK/JumpReLU encoders, as SAELens saves them)."""
+        if not self.cfg.rescale_acts_by_decoder_norm:
+            return self.export_unit_decoder()
+        folded = copy.deepcopy(self)
+        folded.fold_decoder_norms()
+        return folded.export_unit_decoder()
+
+    def export_unit_decoder(self) -> tuple[SAEConfig, dict[str, Tensor]]:
+        """The config and tensors to save once decoder norms are folded (default: all of them)."""
+        return super().export()
 
     def _training_inputs(self, x: Tensor, dead_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """``x: [batch, d_in]`` cast to the parameter dtype and ``dead_mask: [d_sae]`` as bool on
@@ -293,12 +374,15 @@ class TopKFamilySAE(SAE):
         self.b_dec.copy_(geometric_median(x_sample).to(self.b_dec.dtype))
 
     def before_optimizer_step(self) -> None:
-        """Project the parallel component out of ``W_dec``'s gradient (:func:`remove_parallel_grad`)."""
-        remove_parallel_grad(self.W_dec)
+        """Unit-norm mode: project the parallel component out of ``W_dec``'s gradient
+        (:func:`remove_parallel_grad`)."""
+        if not self.cfg.rescale_acts_by_decoder_norm:
+            remove_parallel_grad(self.W_dec)
 
     def after_optimizer_step(self) -> None:
-        """Renormalise every ``W_dec`` row to unit L2 norm (:func:`normalize_rows`)."""
-        normalize_rows(self.W_dec)
+        """Unit-norm mode: renormalise every ``W_dec`` row to unit L2 norm (:func:`normalize_rows`)."""
+        if not self.cfg.rescale_acts_by_decoder_norm:
+            normalize_rows(self.W_dec)
 
 
 class TopKSAE(TopKFamilySAE):
@@ -316,20 +400,23 @@ class TopKSAE(TopKFamilySAE):
 
     @classmethod
     def saelens_cfg_fields(cls, cfg: SAEConfig) -> dict:
-        # We keep decoder rows at unit norm instead of rescaling latents by them.
-        return {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
+        return {"k": cfg.k, "rescale_acts_by_decoder_norm": cfg.rescale_acts_by_decoder_norm}
 
     @classmethod
     def fields_from_saelens(cls, raw: dict) -> dict:
         k = raw.get("k")
         if not isinstance(k, int) or isinstance(k, bool) or not 0 < k <= raw["d_sae"]:
             raise ConfigError(f"topk needs an integer 'k' in [1, d_sae], got {k!r}.")
-        return {"k": k}
+        rescale = raw.get("rescale_acts_by_decoder_norm", False)
+        if not isinstance(rescale, bool):
+            raise ConfigError(f"topk 'rescale_acts_by_decoder_norm' must be true or false, got {rescale!r}.")
+        return {"k": k, "rescale_acts_by_decoder_norm": rescale}
 
     def encode(self, x: Tensor) -> Tensor:
-        """``f = ReLU(TopK(hidden_pre(x)))``: ``[..., d_in] → [..., d_sae]`` dense, parameter dtype."""
+        """``f = ReLU(TopK(h))`` with ``h = hidden_pre(x)`` (times ``||W_dec,i||`` when rescaling):
+        ``[..., d_in] → [..., d_sae]`` dense, parameter dtype."""
         self._check_d_in(x)
-        pre = self.hidden_pre(x)
+        pre = rank_scores(self.hidden_pre(x), self.decoder_norms())
         top = pre.topk(self.cfg.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
 

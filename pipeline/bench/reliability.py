@@ -1,0 +1,278 @@
+"""SIGKILL trials: kill a harvest or a training run at random moments, resume it, and check that
+nothing was lost. Writes the figures to ``RELIABILITY.md``.
+
+    python -m pipeline.bench.reliability [--harvest-trials 20] [--train-trials 10] [--seed 0]
+        [--workdir data/bench/reliability] [--out RELIABILITY.md]
+
+Each trial runs the real CLI (``python -m stages ...``) in a child process, sends it SIGKILL after
+a random delay (uniform over the reference run's wall time, so kills land during model loading,
+chunk writes, metadata updates, training steps and checkpoint writes alike), then:
+
+* **harvest**: checks that the killed folder never opens as a complete cache unless it equals the
+  reference, re-runs the same command, and compares the finished cache with an uninterrupted
+  harvest of the same config: every hook's array, the token ids, the per-chunk checksums and the
+  identity attributes must be identical.
+* **train**: checks that every checkpoint folder left behind loads (SAE and ``training_state.pt``),
+  re-runs with ``--resume`` (or, when killed before the first checkpoint, from scratch with
+  ``--overwrite``), and compares the final ``sae_weights.safetensors`` tensors with an
+  uninterrupted run: they must be bit-identical.
+
+The harvest uses SmolLM2-135M at ``blocks.0.hook_resid_post`` (the forward pass stops after
+block 0, so a trial takes seconds) on the Tiny Shakespeare text of ``../shared/data``, with small
+chunks so most kills land between or inside chunk writes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import trange
+
+from pipeline.cache import ActivationCache, lock_path, verify
+from pipeline.checkpoint import STATE_FILENAME, list_checkpoints
+from pipeline.constants import CHECKSUMS_GROUP, SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+from pipeline.errors import CacheError
+from pipeline.sae import SAE
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+@dataclass
+class Trial:
+    """One kill: when, what state it left, and whether the resumed result equals the reference."""
+
+    kind: str
+    kill_after_s: float
+    state_at_kill: str
+    left_valid: bool
+    resumed_identical: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "stages", *args]
+
+
+def _run(cmd: list[str]) -> float:
+    """Run ``cmd`` to completion; returns its wall time. Raises RuntimeError with its output on failure."""
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def _kill_after(cmd: list[str], delay: float) -> bool:
+    """Start ``cmd``, SIGKILL it after ``delay`` seconds; returns whether it was still running."""
+    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        child.wait(timeout=delay)
+        return False
+    except subprocess.TimeoutExpired:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        return True
+
+
+# ------------------------------------------------------------------------------------- harvest
+def harvest_command(shared_data: Path, out: Path, n_tokens: int) -> list[str]:
+    return _cli("harvest", "--model-name", "smollm2-135m", "--hook-names", HOOK,
+                "--dataset-path", str(shared_data / "tinyshakespeare" / "input.txt"),
+                "--n-tokens", str(n_tokens), "--context-size", "64", "--holdout-tokens", "1024",
+                "--set", "chunk_tokens=512", "--set", "chunks_per_shard=2", "--output-path", str(out))
+
+
+def cache_content(path: Path) -> dict[str, Any]:
+    """Everything a finished cache holds: every array as numpy, and its attributes as JSON text."""
+    cache = ActivationCache.open(path)
+    content = {name: np.asarray(cache.group[name][:]) for name in [*cache.hook_names, "tokens"]}
+    for hook in cache.hook_names:
+        content[f"{CHECKSUMS_GROUP}/{hook}"] = np.asarray(cache.group[f"{CHECKSUMS_GROUP}/{hook}"][:])
+    content["attrs"] = json.dumps(cache.attrs, sort_keys=True)  # a harvest records no timestamps
+    return content
+
+
+def same_content(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k] == b[k] if isinstance(a[k], str) else np.array_equal(a[k], b[k]) for k in a)
+
+
+def _harvest_state(path: Path, reference: dict[str, Any]) -> tuple[str, bool]:
+    """(state name, valid) of a killed harvest folder. Valid: it is either refused as incomplete
+    (the reader never trains on it) or opens complete AND equals the reference."""
+    if not (path / "zarr.json").is_file():
+        return "nothing written", True
+    try:
+        cache = ActivationCache.open(path, require_complete=False)
+    except CacheError:
+        return "metadata unreadable (refused)", True
+    state = f"{cache.n_chunks_written}/{cache.layout.n_chunks} chunks"
+    if not cache.complete:
+        try:
+            ActivationCache.open(path)
+            return state + ", incomplete but opened", False
+        except CacheError:
+            return state + ", refused as incomplete", True
+    return "complete", not verify(cache, progress=False) and same_content(cache_content(path), reference)
+
+
+def run_harvest_trials(n: int, workdir: Path, shared_data: Path, rng: random.Random,
+                       n_tokens: int = 8192) -> list[Trial]:
+    """``n`` harvest kills (plus one uninterrupted reference harvest, kept at ``workdir/harvest_reference``)."""
+    def command(out: Path) -> list[str]:
+        return harvest_command(shared_data, out, n_tokens)
+
+    return _kill_trials("harvest", n, workdir, rng, command, cache_content, same_content,
+                        _harvest_state, command)
+
+
+def _kill_trials(kind: str, n: int, workdir: Path, rng: random.Random, command, read, same, inspect,
+                 rerun) -> list[Trial]:
+    """Run ``command(<workdir>/<kind>_reference)`` once uninterrupted, then ``n`` times: start
+    ``command(out)``, SIGKILL it after a random delay, ``inspect(out, reference) -> (state, valid)``,
+    run ``rerun(out)`` (a command, or None to leave it) and compare ``read(out)`` with the reference
+    using ``same``."""
+    ref_path = workdir / f"{kind}_reference"
+    _clear(ref_path)
+    wall = _run(command(ref_path))
+    reference = read(ref_path)
+    trials = []
+    for t in trange(n, desc=f"{kind} kills"):
+        out = workdir / f"{kind}_trial_{t}"
+        _clear(out)
+        delay = rng.uniform(0.0, wall)
+        if _kill_after(command(out), delay):
+            state, valid = inspect(out, reference)
+            follow_up = rerun(out)
+            if follow_up is not None:
+                _run(follow_up)
+        else:
+            state, valid = "finished before the kill", True
+        trials.append(Trial(kind, delay, state, valid, same(read(out), reference)))
+        _clear(out)
+    return trials
+
+
+# --------------------------------------------------------------------------------------- train
+def train_command(cache: Path, out: Path, *extra: str) -> list[str]:
+    return _cli("train", "--cache-path", str(cache), "--architecture", "topk", "--k", "16", "--d-sae", "1024",
+                "--training-tokens", "98304", "--train-batch-size-tokens", "1024", "--n-checkpoints", "8",
+                "--output-path", str(out), *extra)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / SAE_WEIGHTS_FILENAME))
+
+
+def _checkpoints_valid(folder: Path) -> tuple[int, bool]:
+    """How many checkpoints a killed run left, and whether every one of them loads."""
+    found = list_checkpoints(folder / "checkpoints")
+    try:
+        for ckpt in found:
+            SAE.load(ckpt)
+            torch.load(ckpt / STATE_FILENAME, weights_only=True)
+    except Exception:  # any failure to load means a half-written checkpoint
+        return len(found), False
+    return len(found), True
+
+
+def _train_state(folder: Path, reference: Any) -> tuple[str, bool]:
+    n_ckpt, valid = _checkpoints_valid(folder)
+    if (folder / SAE_CFG_FILENAME).exists():  # killed after saving the SAE, before exiting
+        try:
+            SAE.load(folder)
+        except Exception:  # a folder with cfg.json that does not load would be a lost SAE
+            return "SAE saved", False
+        return "SAE saved", valid
+    return (f"{n_ckpt} checkpoint(s)" if n_ckpt else "no checkpoint yet (restarted)"), valid
+
+
+def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def run_train_trials(n: int, workdir: Path, cache: Path, rng: random.Random) -> list[Trial]:
+    """``n`` training kills on ``cache`` (plus one uninterrupted reference run). A run killed
+    before its first checkpoint is restarted with ``--overwrite``, one killed after saving its SAE is
+    left as it is, the others are resumed with ``--resume``."""
+    def rerun(out: Path) -> list[str] | None:
+        if (out / SAE_CFG_FILENAME).exists():
+            return None  # finished: resuming would (rightly) be refused
+        has_checkpoint = bool(list_checkpoints(out / "checkpoints"))
+        return train_command(cache, out, "--resume" if has_checkpoint else "--overwrite")
+
+    return _kill_trials("train", n, workdir, rng, lambda out: train_command(cache, out), weights, same_weights,
+                        _train_state, rerun)
+
+
+# ---------------------------------------------------------------------------------------- report
+def summary_rows(trials: list[Trial]) -> list[dict[str, Any]]:
+    rows = []
+    for kind in sorted({t.kind for t in trials}):
+        mine = [t for t in trials if t.kind == kind]
+        rows.append({"fault": f"SIGKILL during {kind}", "trials": len(mine),
+                     "left_invalid": sum(not t.left_valid for t in mine),
+                     "resumed_different": sum(not t.resumed_identical for t in mine),
+                     "states": sorted({t.state_at_kill for t in mine})})
+    return rows
+
+
+def markdown(trials: list[Trial], seed: int) -> str:
+    lines = ["# Reliability", "",
+             "Generated by `python -m pipeline.bench.reliability` (see its docstring for the method); "
+             f"seed {seed}. *Lost* counts trials whose killed folder could be read as finished while "
+             "wrong, or whose resumed result differed from an uninterrupted run. Both must be 0.", "",
+             "| fault | trials | left a folder that reads as valid but is not | resumed result differs | states seen at the kill |",
+             "| --- | ---: | ---: | ---: | --- |"]
+    for r in summary_rows(trials):
+        lines.append(f"| {r['fault']} | {r['trials']} | {r['left_invalid']} | {r['resumed_different']} | "
+                     f"{'; '.join(r['states'])} |")
+    lines += ["", "Every trial:", "", "| # | kind | killed after (s) | state at the kill | valid | resumed identical |",
+              "| ---: | --- | ---: | --- | --- | --- |"]
+    lines += [f"| {i} | {t.kind} | {t.kill_after_s:.2f} | {t.state_at_kill} | {t.left_valid} | {t.resumed_identical} |"
+              for i, t in enumerate(trials)]
+    return "\n".join(lines) + "\n"
+
+
+def _clear(path: Path) -> None:
+    """Remove a trial's folder and the stale writer lock a killed harvest leaves beside it."""
+    shutil.rmtree(path, ignore_errors=True)
+    lock_path(path).unlink(missing_ok=True)
+
+
+@click.command()
+@click.option("--harvest-trials", default=20, show_default=True, type=int)
+@click.option("--train-trials", default=5, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--shared-data", default="../shared/data", show_default=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--workdir", default="data/bench/reliability", show_default=True)
+@click.option("--out", default="RELIABILITY.md", show_default=True)
+def main(harvest_trials: int, train_trials: int, seed: int, shared_data: str, workdir: str, out: str) -> None:
+    rng = random.Random(seed)
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    trials = run_harvest_trials(harvest_trials, work, Path(shared_data), rng)
+    # the training trials read the reference harvest the harvest trials leave behind
+    trials += run_train_trials(train_trials, work, work / "harvest_reference", rng)
+    Path(out).write_text(markdown(trials, seed))
+    (work / "reliability.json").write_text(json.dumps([t.__dict__ for t in trials], indent=2))
+    for row in summary_rows(trials):
+        click.echo(row)
+    click.echo(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,322 @@
+"""Sweeps: grid expansion and stable ids, validation before training, fused groups ending with the
+weights of single runs, reruns that skip finished points, failures confined to their point, and
+grouping by stream and memory budget."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pipeline.config import TrainConfig
+from pipeline.constants import METRICS_LOG_FILENAME, SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME
+from pipeline.errors import ConfigError
+from pipeline.sweep import (GIB, POINT_FILENAME, load_sweep, point_status, read_point_record, run_sweep,
+                            sae_memory_bytes, stream_memory_bytes)
+from pipeline.training import TrainResult, train, train_group
+from tests.conftest import write_synthetic_cache
+
+# 20 steps of 128 tokens on a 2,048-token cache: a sweep point trains in well under a second.
+SMALL = dict(d_sae=32, k=4, lr=3e-3, train_batch_size_tokens=128, training_tokens=128 * 20,
+             shuffle_buffer_tokens=512, log_every=5, seed=0)
+
+
+def low_rank_cache(path, n_seqs=64, ctx=32, d_in=16, rank=4):
+    """float16 activations on a rank-4 subspace at norm ~50 (like real residuals), 256-row chunks."""
+    rng = np.random.default_rng(0)
+    codes = rng.exponential(size=(n_seqs * ctx, rank)) * (rng.random((n_seqs * ctx, rank)) < 0.5)
+    acts = (50.0 * codes @ rng.normal(size=(rank, d_in))).astype(np.float32)
+    tokens = np.full((n_seqs, ctx), 7, dtype=np.int32)
+    return write_synthetic_cache(path, acts, tokens, dtype="float16", chunk_tokens=256, chunks_per_shard=2,
+                                 n_holdout_chunks=1)
+
+
+def write_sweep(tmp_path, cache_path, *, name="s", grid=None, points=None, evaluate=None, **base):
+    """A sweep file over ``SMALL`` (plus ``base``) writing to ``tmp_path/sweeps/<name>``; its path."""
+    data = {"output_path": str(tmp_path / "sweeps" / name),
+            "base": {"cache_path": str(cache_path), **SMALL, **base}}
+    for key, value in (("grid", grid), ("points", points), ("evaluate", evaluate)):
+        if value is not None:
+            data[key] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def weights(folder):
+    return load_file(str(folder / SAE_WEIGHTS_FILENAME))
+
+
+def log_without_timing(folder):
+    records = [json.loads(line) for line in (folder / METRICS_LOG_FILENAME).read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in records]
+
+
+def assert_same_sae(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+    assert torch.equal(load_file(str(a / SPARSITY_FILENAME))["sparsity"], load_file(str(b / SPARSITY_FILENAME))["sparsity"])
+    assert log_without_timing(a) == log_without_timing(b)
+
+
+# ------------------------------------------------------------------------------------- grid and ids
+def test_grid_expands_to_the_cartesian_product_with_stable_readable_ids(tmp_path):
+    path = write_sweep(tmp_path, "unused", name="g", grid={"k": [16, 32, 64, 128], "d_sae": [2304, 4608]})
+    sweep = load_sweep(path)
+    assert [(p.cfg.k, p.cfg.d_sae) for p in sweep.points] == [(k, d) for k in (16, 32, 64, 128) for d in (2304, 4608)]
+    point = sweep.points[3]
+    digest = hashlib.sha256(json.dumps({"architecture": "topk", "d_sae": 4608, "k": 32}, sort_keys=True).encode())
+    assert point.id == f"topk-k32-dsae4608-{digest.hexdigest()[:6]}"
+    assert point.params == {"k": 32, "d_sae": 4608, "architecture": "topk"}
+    assert point.cfg.output_path == str(tmp_path / "sweeps" / "g" / point.id) and point.cfg.lr == 3e-3
+    # the ids survive reordered fields, numbers written otherwise, and an edited base
+    path = write_sweep(tmp_path, "unused", name="g", grid={"d_sae": [4608.0, 2304], "k": ["16", 32.0, 64, 128]},
+                       lr=1e-3)
+    assert {p.id for p in load_sweep(path).points} == {p.id for p in sweep.points}
+    assert len({p.id for p in sweep.points}) == 8
+
+
+def test_points_are_crossed_with_the_grid(tmp_path):
+    path = write_sweep(tmp_path, "unused", grid={"d_sae": [64, 128]},
+                       points=[{"architecture": "standard", "l1_coefficient": 5}, {"architecture": "topk", "k": 8}])
+    points = load_sweep(path).points
+    assert [(p.cfg.architecture, p.cfg.d_sae) for p in points] == [("standard", 64), ("standard", 128),
+                                                                     ("topk", 64), ("topk", 128)]
+    assert points[0].cfg.l1_coefficient == 5 and points[3].cfg.k == 8
+    assert re.fullmatch(r"standard-l1_5-dsae64-[0-9a-f]{6}", points[0].id)
+    assert re.fullmatch(r"topk-k8-dsae128-[0-9a-f]{6}", points[3].id)
+
+
+@pytest.mark.parametrize("sweep, message", [
+    ({"grid": {"l1_coefficient": [1, -1]}, "base": {"architecture": "standard"}},
+     r"point 2 of 2 \(l1_coefficient=-1\): l1_coefficient must be >= 0"),
+    ({"grid": {"k": [4, 64]}}, r"point 2 of 2 \(k=64\): k \(64\) must not exceed d_sae \(32\)"),
+    ({"gird": {"k": [4]}}, "unknown key 'gird'. Did you mean 'grid'"),
+    ({"grid": {"k": 4}}, r"grid.k must be a non-empty list"),
+    ({"grid": {"output_path": ["a", "b"]}}, "sets 'output_path', which the sweep sets itself"),
+    ({"grid": {"k": [4]}, "points": [{"k": 8}]}, "'k' is in both grid and points\\[0\\]"),
+    ({"points": [{"k": 4}, {"k": 4.0}]}, "points 1 and 2 are the same point"),
+    ({"grid": {"k": [4]}, "evaluate": {"n_ce_sequence": 4}}, "Did you mean 'n_ce_sequences'"),
+    ({"grid": {"k": [4, 8]}, "points": [{"architecture": "standard"}]},
+     r"point 1 of 2 \(architecture=standard, k=4\): architecture 'standard' does not read 'k'"),
+])
+def test_bad_sweeps_are_refused_naming_the_point_and_field(tmp_path, sweep, message):
+    data = {"output_path": str(tmp_path / "out"), **sweep}
+    data["base"] = {**SMALL, **data.get("base", {})}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_d_in_mismatch_is_refused_before_anything_trains(tmp_path):
+    cache = low_rank_cache(tmp_path / "cache")
+    path = write_sweep(tmp_path, cache.path, grid={"d_in": [16, 32]})
+    with pytest.raises(ConfigError, match=r"point topk-din32-\w+: d_in 32 .* does not match the cache \(16"):
+        run_sweep(load_sweep(path), progress=False)
+    assert not (tmp_path / "sweeps").exists()
+
+
+# ------------------------------------------------------------------------------------- fused training
+RESAMPLING = {"resample_dead_latents": True, "feature_sampling_window": 5, "dead_feature_window": 1}
+FUSED_POINTS = [  # every architecture; the first two resample >= 128 dead latents, each from its own RNG stream
+    {"architecture": "topk", "k": 1, "d_sae": 256, **RESAMPLING},
+    {"architecture": "topk", "k": 2, "d_sae": 256, **RESAMPLING},
+    {"architecture": "topk", "k": 8, "training_tokens": 128 * 12},  # fewer steps: a prefix of the stream
+    {"architecture": "standard", "l1_coefficient": 0.5, "resample_dead_latents": True, "feature_sampling_window": 7,
+     "dead_feature_window": 3},
+    {"architecture": "gated", "l1_coefficient": 0.5},
+    {"architecture": "batchtopk", "k": 4},
+    {"architecture": "jumprelu", "l0_coefficient": 0.1},
+    {"architecture": "matryoshka", "k": 4, "matryoshka_widths": [8, 32]},
+]
+
+
+def test_a_fused_group_ends_with_exactly_the_weights_of_single_runs(tmp_path):
+    cache = low_rank_cache(tmp_path / "cache")
+    cfgs = [TrainConfig(**{**SMALL, **p, "cache_path": str(cache.path), "output_path": str(tmp_path / "group" / str(i))})
+            for i, p in enumerate(FUSED_POINTS)]
+    outcomes = train_group(cfgs, progress=False)
+    assert all(isinstance(o, TrainResult) for o in outcomes), outcomes
+    assert [o.state.step for o in outcomes] == [c.total_steps for c in cfgs] and cfgs[2].total_steps == 12
+    for i, cfg in enumerate(cfgs):
+        alone = tmp_path / "single" / str(i)
+        train(replace(cfg, output_path=str(alone)), progress=False)
+        assert_same_sae(tmp_path / "group" / str(i), alone)
+
+
+def test_a_group_reads_each_chunk_as_often_as_one_single_run(tmp_path, monkeypatch):
+    from pipeline.cache import ActivationCache
+
+    cache = low_rank_cache(tmp_path / "cache")
+    reads = []
+    real_read = ActivationCache.read_chunk
+
+    def counting_read(self, hook, i, **kw):
+        reads.append(i)
+        return real_read(self, hook, i, **kw)
+
+    monkeypatch.setattr(ActivationCache, "read_chunk", counting_read)
+    cfgs = [TrainConfig(**{**SMALL, "k": k, "cache_path": str(cache.path), "output_path": str(tmp_path / str(k))})
+            for k in (1, 2, 4)]
+    train(replace(cfgs[0], output_path=str(tmp_path / "single")), progress=False)
+    single = len(reads)
+    reads.clear()
+    train_group(cfgs, progress=False)
+    assert single > 7 and len(reads) == single  # 3 SAEs, the bytes of one run: 1/3 per trained token
+
+
+def test_each_sae_of_a_group_logs_to_its_own_wandb_run(tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logged: dict[str, list[int]] = {}
+    real_init = wandb.init
+
+    def spy_init(**kw):
+        run = real_init(**kw)
+        real_log = run.log
+        run.log = lambda data, step=None: (logged.setdefault(kw["name"], []).append(step), real_log(data, step=step))
+        return run
+
+    monkeypatch.setattr(wandb, "init", spy_init)
+    cache = low_rank_cache(tmp_path / "cache")
+    cfgs = [TrainConfig(**{**SMALL, "k": k, "cache_path": str(cache.path), "output_path": str(tmp_path / str(k)),
+                           "log_to_wandb": True, "run_name": f"k{k}"}) for k in (2, 4)]
+    train_group(cfgs, progress=False)
+    assert logged == {"k2": [10, 20], "k4": [10, 20]}
+
+
+def test_a_group_refuses_configs_with_different_batch_streams(tmp_path):
+    a = TrainConfig(**SMALL, cache_path="c", output_path=str(tmp_path / "a"))
+    with pytest.raises(ConfigError, match="differ in seed, which fix the batch stream"):
+        train_group([a, replace(a, seed=1, output_path=str(tmp_path / "b"))], progress=False)
+    with pytest.raises(ConfigError, match="share an output_path"):
+        train_group([a, replace(a, k=8)], progress=False)
+
+
+def test_a_nan_point_fails_alone_and_leaves_no_sae(tmp_path, capsys):
+    cache = low_rank_cache(tmp_path / "cache")
+    # lr 1e30: the first (clipped) step moves the weights by ~1e30, so step 1's loss overflows
+    path = write_sweep(tmp_path, cache.path, grid={"lr": [3e-3, 1e30]})
+    sweep = load_sweep(path)
+    good, bad = sweep.points
+    assert bad.id.startswith("topk-lr1e_30-")
+    result = run_sweep(sweep, progress=False)
+    assert result.trained == [good.id] and list(result.failed) == [bad.id]
+    assert re.match(r"loss became (inf|nan) at step 1 ", result.failed[bad.id])
+    assert f"FAILED {bad.id}: loss became" in capsys.readouterr().out
+    bad_folder = sweep.folder(bad)
+    assert not (bad_folder / SAE_CFG_FILENAME).exists() and not (bad_folder / SAE_WEIGHTS_FILENAME).exists()
+    assert read_point_record(bad_folder)["status"] == "failed"
+    # the survivor is exactly what it would have been without its failing neighbour
+    train(replace(good.cfg, output_path=str(tmp_path / "alone"), overwrite=False, run_name=None), progress=False)
+    assert_same_sae(sweep.folder(good), tmp_path / "alone")
+    # a rerun retries the failed point and skips the finished one
+    again = run_sweep(load_sweep(path), progress=False)
+    assert again.skipped == [good.id] and list(again.failed) == [bad.id]
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9")])
+def test_an_out_of_memory_point_fails_alone(tmp_path, monkeypatch, error):
+    from pipeline.training import Trainer
+
+    real_step = Trainer.step
+
+    def step_or_run_out(self, x):
+        if self.cfg.k == 2 and self.state.step == 3:
+            raise error
+        return real_step(self, x)
+
+    monkeypatch.setattr(Trainer, "step", step_or_run_out)
+    cache = low_rank_cache(tmp_path / "cache")
+    sweep = load_sweep(write_sweep(tmp_path, cache.path, grid={"k": [2, 4]}))
+    result = run_sweep(sweep, progress=False)
+    assert result.trained == [sweep.points[1].id]
+    assert result.failed == {sweep.points[0].id: f"{type(error).__name__}: {error}"}
+    assert read_point_record(sweep.folder(sweep.points[0]))["status"] == "failed"
+    assert not (sweep.folder(sweep.points[0]) / SAE_CFG_FILENAME).exists()
+
+
+# ------------------------------------------------------------------------------------- reruns
+def test_a_rerun_trains_only_new_and_changed_points(tmp_path, capsys):
+    cache = low_rank_cache(tmp_path / "cache")
+    first_sweep = load_sweep(write_sweep(tmp_path, cache.path, grid={"k": [2, 4]}))
+    ids = [p.id for p in first_sweep.points]
+    first = run_sweep(first_sweep, progress=False)
+    assert first.trained == ids and first.skipped == [] and len(first.groups) == 1
+    stamps = {pid: (first_sweep.output_path / pid / SAE_WEIGHTS_FILENAME).stat().st_mtime_ns for pid in ids}
+    record = read_point_record(first_sweep.output_path / ids[0])
+    assert record["status"] == "finished" and record["params"] == {"k": 2, "architecture": "topk"}
+
+    again = run_sweep(load_sweep(write_sweep(tmp_path, cache.path, grid={"k": [2, 4]})), progress=False)
+    assert again.trained == [] and again.skipped == ids and again.groups == []
+    assert f"skip {ids[0]} (finished)" in capsys.readouterr().out
+    assert stamps == {pid: (first_sweep.output_path / pid / SAE_WEIGHTS_FILENAME).stat().st_mtime_ns for pid in ids}
+
+    grown_sweep = load_sweep(write_sweep(tmp_path, cache.path, grid={"k": [2, 4, 8]}))
+    grown = run_sweep(grown_sweep, progress=False)
+    assert grown.skipped == ids and grown.trained == [grown_sweep.points[2].id]
+
+    changed_sweep = load_sweep(write_sweep(tmp_path, cache.path, grid={"k": [2, 4, 8]}, lr=1e-3))
+    status = point_status(changed_sweep.folder(changed_sweep.points[0]), changed_sweep.points[0].cfg,
+                          record["cache"])
+    assert (status.kind, status.detail) == ("changed", "lr: 0.003 → 0.001")
+    changed = run_sweep(changed_sweep, progress=False)
+    assert changed.trained == [p.id for p in changed_sweep.points] == ids + [grown_sweep.points[2].id]
+    assert yaml.safe_load((changed_sweep.folder(changed_sweep.points[0]) / "train_config.yaml").read_text())["lr"] == 1e-3
+
+
+def test_an_interrupted_point_is_retrained(tmp_path):
+    cache = low_rank_cache(tmp_path / "cache")
+    sweep = load_sweep(write_sweep(tmp_path, cache.path, grid={"k": [2]}))
+    run_sweep(sweep, progress=False)
+    folder = sweep.folder(sweep.points[0])
+    (folder / POINT_FILENAME).unlink()  # killed after saving the SAE, before recording the outcome
+    assert point_status(folder, sweep.points[0].cfg, {}).kind == "unfinished"
+    assert run_sweep(sweep, progress=False).trained == [sweep.points[0].id]
+
+
+# ------------------------------------------------------------------------------------- grouping
+def test_groups_follow_the_batch_stream_and_the_memory_budget(tmp_path):
+    cache = low_rank_cache(tmp_path / "cache")
+    sweep = load_sweep(write_sweep(tmp_path, cache.path, grid={"seed": [0, 1], "d_sae": [32, 64]}))
+    cfg = sweep.points[0].cfg
+    # parameters, gradients and Adam moments of W_enc, W_dec, biases; a step's [B, d_sae], [B, d_in] tensors
+    assert sae_memory_bytes(cfg, 16) == (4 * (2 * 16 * 32 + 3 * 32 + 16) * 4, 4 * 128 * (32 + 16) * 4)
+    assert stream_memory_bytes(cfg, 16, 2) == 3 * 512 * 16 * 2 + 6 * 128 * 16 * 4
+    assert stream_memory_bytes(cfg, 16, 2, train_rows=300) == 3 * 300 * 16 * 2 + 6 * 128 * 16 * 4  # buffer never fuller
+    one_per_seed = run_sweep(sweep, dry_run=True, progress=False).groups
+    assert [[p.cfg.seed for p in g.points] for g in one_per_seed] == [[0, 0], [1, 1]]
+    states = [sae_memory_bytes(p.cfg, 16) for p in one_per_seed[0].points]
+    assert one_per_seed[0].memory_bytes == (stream_memory_bytes(cfg, 16, 2, 1792) + sum(s for s, _ in states)
+                                            + max(step for _, step in states))
+    budget = (one_per_seed[0].memory_bytes - 1) / GIB  # one byte short of a pair
+    alone = run_sweep(sweep, max_memory_gb=budget, dry_run=True, progress=False).groups
+    assert [len(g.points) for g in alone] == [1, 1, 1, 1]
+    assert not (tmp_path / "sweeps").exists()  # a dry run writes nothing
+
+
+def test_cli_sweep_dry_run_prints_the_plan(tmp_path):
+    from click.testing import CliRunner
+
+    from stages.cli import cli
+
+    cache = low_rank_cache(tmp_path / "cache")
+    path = write_sweep(tmp_path, cache.path, grid={"k": [2, 4]})
+    out = CliRunner().invoke(cli, ["sweep", "--config", str(path), "--dry-run", "--set", "lr=1e-3"])
+    assert out.exit_code == 0, out.output
+    assert "2 points, 0 finished (skipped), 2 to train in 1 group" in out.output
+    assert re.search(r"group 1: 2 SAEs, ~0.00 GiB, up to 20 batches of 128 tokens", out.output)
