@@ -18,14 +18,15 @@ def run(config_path: str, *, base_overrides: dict | None = None, max_memory_gb: 
     and report.
 
     Raises:
-        TrainingError: a point named in ``only`` failed (after the report), so a per-point DVC stage fails.
+        TrainingError: a point failed (after the report of the others), so scripts, CI and per-point
+            DVC stages see a non-zero exit.
     """
     sweep = load_sweep(config_path, base_overrides)
     result = run_sweep(sweep, max_memory_gb=max_memory_gb, only=only, dry_run=dry_run, scheduler=scheduler,
                        torch_threads=torch_threads)
     if with_report and not dry_run:
         report.run(sweep.output_path, ce_loss=ce_loss)
-    if only and result.failed:
+    if result.failed:
         raise TrainingError(f"point {', '.join(result.failed)} failed: {'; '.join(result.failed.values())}")
     return result
 

@@ -72,8 +72,9 @@ def test_sweep_report_table_equals_each_points_metrics(tmp_path):
 def test_report_lists_failed_and_untrained_points_and_refuses_other_folders(tmp_path):
     cache = low_rank_cache(tmp_path / "cache")
     path = write_sweep(tmp_path, cache.path, grid={"lr": [3e-3, 1e30]}, evaluate={"ce_loss": False})
-    assert CliRunner().invoke(cli, ["sweep", "--config", str(path)]).exit_code == 0
-    sweep = load_sweep(path)
+    ran = CliRunner().invoke(cli, ["sweep", "--config", str(path)])
+    assert ran.exit_code != 0 and "failed: loss became" in str(ran.exception)  # scripts see the failure
+    sweep = load_sweep(path)  # ... after the report of every point was written
     rows = read_csv(sweep.output_path / REPORT_DIRNAME / SUMMARY_CSV)
     assert [r["status"] for r in rows] == ["finished", "failed"]
     assert rows[1]["l0"] == "" and "loss became" in rows[1]["error"]
