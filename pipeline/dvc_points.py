@@ -35,7 +35,7 @@ import yaml
 
 from pipeline.config import read_yaml_mapping
 from pipeline.errors import ConfigError
-from pipeline.sae.io import _atomic_write
+from pipeline.sae.io import atomic_write
 from pipeline.sweep import Sweep, load_sweep
 
 DVC_METRICS_DIRNAME = "metrics"
@@ -79,7 +79,7 @@ def write_dvc_points(sweep: Sweep, path: str | Path) -> Path:
               "# do not edit: change the sweep file and run that command again.\n")
     text = header + yaml.safe_dump(dvc_points(sweep), sort_keys=False, default_flow_style=None, width=120)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda p: p.write_text(text))
+    atomic_write(path, lambda p: p.write_text(text))
     return path
 
 

@@ -41,7 +41,7 @@ from pipeline.cache import ActivationCache
 from pipeline.config import EvalConfig, read_yaml_mapping
 from pipeline.errors import ConfigError
 from pipeline.constants import METRICS_FILENAME, TRAIN_CONFIG_FILENAME
-from pipeline.sae.io import _atomic_write, load_sparsity
+from pipeline.sae.io import atomic_write, load_sparsity
 from pipeline.sweep import POINT_FILENAME, read_index, read_point_record
 
 REPORT_DIRNAME = "report"
@@ -127,7 +127,7 @@ def evaluate_point(folder: Path, settings: dict[str, Any], models: dict[str, Any
     metrics = evaluate(cfg, model=model)
     scratch.unlink(missing_ok=True)
     metrics["dense_fraction"] = dense_fraction(folder)
-    _atomic_write(target, lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"))
+    atomic_write(target, lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"))
     return metrics
 
 
@@ -274,8 +274,8 @@ def write_report(sweep_path: str | Path, metrics_dir: str | Path | None = None) 
     out = root / REPORT_DIRNAME
     out.mkdir(parents=True, exist_ok=True)
     files = {SUMMARY_CSV: out / SUMMARY_CSV, SUMMARY_MD: out / SUMMARY_MD}
-    _atomic_write(files[SUMMARY_CSV], lambda p: p.write_text(to_csv(rows)))
-    _atomic_write(files[SUMMARY_MD], lambda p: p.write_text(f"# Sweep {name}\n\n" + to_markdown(rows)))
+    atomic_write(files[SUMMARY_CSV], lambda p: p.write_text(to_csv(rows)))
+    atomic_write(files[SUMMARY_MD], lambda p: p.write_text(f"# Sweep {name}\n\n" + to_markdown(rows)))
     for metric, filename in PARETO_PLOTS.items():
         files[filename] = _save_png(plot_pareto(rows, metric, f"{name}: L0 vs {_METRIC_LABELS[metric]}"),
                                     out / filename)
@@ -287,7 +287,7 @@ def write_report(sweep_path: str | Path, metrics_dir: str | Path | None = None) 
 
 
 def _save_png(fig: Figure, target: Path) -> Path:
-    _atomic_write(target, lambda p: fig.savefig(p, format="png", dpi=120))
+    atomic_write(target, lambda p: fig.savefig(p, format="png", dpi=120))
     return target
 
 

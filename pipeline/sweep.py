@@ -50,7 +50,7 @@ from pipeline.checkpoint import RESUMABLE_CHANGES
 from pipeline.config import ARCHITECTURE_FIELDS, EvalConfig, TrainConfig, read_yaml_mapping
 from pipeline.constants import SAE_CFG_FILENAME, TRAIN_CONFIG_FILENAME
 from pipeline.errors import ConfigError, SaePipelineError
-from pipeline.sae.io import _atomic_write
+from pipeline.sae.io import atomic_write
 from pipeline.training import TrainingData, TrainResult, stream_key, train_group
 
 POINT_FILENAME = "point.json"
@@ -322,7 +322,7 @@ def read_point_record(folder: Path) -> dict[str, Any]:
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` as indented JSON through a temporary file and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
+    atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def read_index(sweep_path: str | Path) -> dict[str, Any]:

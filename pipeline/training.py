@@ -55,7 +55,7 @@ from pipeline.constants import (METRICS_LOG_FILENAME, SAE_CFG_FILENAME, SAE_WEIG
 from pipeline.errors import ConfigError, SaePipelineError, TrainingError
 from pipeline.loader import ActivationLoader
 from pipeline.sae import SAE, SAEConfig, get_architecture
-from pipeline.sae.io import _atomic_write
+from pipeline.sae.io import atomic_write
 from pipeline.sae.topk import geometric_median
 from pipeline.tracking import MetricsLogger
 
@@ -724,7 +724,7 @@ def start_run(cfg: TrainConfig, data: TrainingData) -> SAERun:
     sae = build_sae(cfg, data.d_in, data.hook, data.cache.attrs["model_name"], _sae_metadata(data.cache))
     if saved is None:
         init_b_dec(sae, data.b_dec_sample, cfg.b_dec_init_method)
-    _atomic_write(out / TRAIN_CONFIG_FILENAME, cfg.save_yaml)
+    atomic_write(out / TRAIN_CONFIG_FILENAME, cfg.save_yaml)
     start = saved["trainer"]["step"] if saved else 0
     if saved is None:
         (out / METRICS_LOG_FILENAME).unlink(missing_ok=True)

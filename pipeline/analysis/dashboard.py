@@ -14,8 +14,6 @@ marks ``<body data-rendered="true">`` so a headless browser can tell the page ra
 from __future__ import annotations
 
 import html as html_lib
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,6 +27,7 @@ from pipeline.analysis.neuronpedia import neuronpedia_url_for
 from pipeline.cache import ActivationCache
 from pipeline.errors import ConfigError
 from pipeline.sae import SAE
+from pipeline.sae.io import atomic_write
 
 
 @dataclass
@@ -97,9 +96,7 @@ def write_dashboard(path: str | Path, page: str) -> Path:
     if path.is_dir():
         raise ConfigError(f"output path {str(path)!r} is a folder; give a file name such as {str(path / 'dashboard.html')!r}.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, lambda p: p.write_text(page, encoding="utf-8"))
     return path
 
 

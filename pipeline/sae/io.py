@@ -53,7 +53,7 @@ def log_feature_density(firing_fraction: Tensor, eps: float = 1e-10) -> Tensor:
     return torch.log10(firing_fraction.detach().double() + eps).float().cpu()
 
 
-def _atomic_write(target: Path, write) -> None:
+def atomic_write(target: Path, write) -> None:
     """Write through a temporary sibling then rename, so a crash never leaves half a file."""
     tmp = target.with_name(f".{target.name}.tmp")
     write(tmp)
@@ -116,12 +116,12 @@ def save_sae(sae: SAE, path: str | Path, sparsity: Tensor | None = None) -> Path
         )
     cfg_json = sae_cfg_dict(cfg)
     cfg_json["dtype"] = _dtype_name(state["W_dec"].dtype)
-    _atomic_write(folder / SAE_WEIGHTS_FILENAME, lambda p: save_file(state, p))
+    atomic_write(folder / SAE_WEIGHTS_FILENAME, lambda p: save_file(state, p))
     if sparsity is not None:
         tensor = sparsity.detach().float().cpu().contiguous()
-        _atomic_write(folder / SPARSITY_FILENAME, lambda p: save_file({"sparsity": tensor}, p))
+        atomic_write(folder / SPARSITY_FILENAME, lambda p: save_file({"sparsity": tensor}, p))
     # cfg.json last: a folder that has one holds the whole SAE, even after a kill mid-save
-    _atomic_write(folder / SAE_CFG_FILENAME, lambda p: p.write_text(json.dumps(cfg_json, indent=2)))
+    atomic_write(folder / SAE_CFG_FILENAME, lambda p: p.write_text(json.dumps(cfg_json, indent=2)))
     return folder
 
 
