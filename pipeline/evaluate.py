@@ -104,7 +104,7 @@ def evaluate(cfg: EvalConfig, *, model=None) -> dict[str, Any]:
     metrics: dict[str, Any] = reconstruction_metrics(sae, cache, hook, exclude_token_ids=exclude,
                                                      n_tokens=cfg.n_eval_tokens)
     if cfg.ce_loss:
-        model = model if model is not None else _load_cache_model(cache, cfg.device)
+        model = model if model is not None else load_cache_model(cache, cfg.device)
         seqs_per_chunk = cache.layout.chunk_tokens // cache.layout.context_size
         first = cache.holdout_chunks[0] * seqs_per_chunk
         available = cache.layout.n_seqs - first
@@ -128,8 +128,13 @@ def _check_metrics_path(out: Path) -> None:
             raise ConfigError(f"output_path {str(out)!r} lies under the file {str(parent)!r}; choose another path.")
 
 
-def _load_cache_model(cache: ActivationCache, device: str):
-    """Load the model the cache was harvested from and check its weights fingerprint."""
+def load_cache_model(cache: ActivationCache, device: str):
+    """Load the model the cache was harvested from and check its weights fingerprint.
+
+    Raises:
+        CacheError: the model loaded now has other weights than the harvest recorded.
+        ModelError: the model cannot be loaded (see :func:`pipeline.models.load_model`).
+    """
     model = models.load_model(cache.attrs["model_source"]["name"], device=device)
     if models.model_fingerprint(model) != cache.attrs["weights_fingerprint"]:
         raise CacheError(

@@ -111,7 +111,7 @@ def evaluate_point(folder: Path, settings: dict[str, Any], models: dict[str, Any
     caches the language model per cache path (CE loss loads it once for all points of that cache)."""
     # imported here: the evaluation imports transformer_lens (seconds), which writing a report from
     # metrics already on disk never needs
-    from pipeline.evaluate import _load_cache_model, evaluate
+    from pipeline.evaluate import load_cache_model, evaluate
 
     target = folder / METRICS_FILENAME if target is None else target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +122,7 @@ def evaluate_point(folder: Path, settings: dict[str, Any], models: dict[str, Any
         cache_path = cfg.cache_path or read_yaml_mapping(folder / TRAIN_CONFIG_FILENAME)["cache_path"]
         models = {} if models is None else models
         if cache_path not in models:
-            models[cache_path] = _load_cache_model(ActivationCache.open(cache_path), cfg.device)
+            models[cache_path] = load_cache_model(ActivationCache.open(cache_path), cfg.device)
         model = models[cache_path]
     metrics = evaluate(cfg, model=model)
     scratch.unlink(missing_ok=True)

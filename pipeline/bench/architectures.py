@@ -93,7 +93,7 @@ import torch
 from pipeline.cache import ActivationCache
 from pipeline.config import EvalConfig, TrainConfig
 from pipeline.constants import SAE_CFG_FILENAME, SPARSITY_FILENAME
-from pipeline.evaluate import _load_cache_model, evaluate, reconstruction_metrics
+from pipeline.evaluate import load_cache_model, evaluate, reconstruction_metrics
 from pipeline.loader import ActivationLoader
 from pipeline.training import activation_scale, init_b_dec, sample_activations, train
 
@@ -442,7 +442,7 @@ def main(cache_path: str, architectures: str, training_tokens: int, out: str, wo
         _run_calibration([a for a in archs if a in SPARSITY_FIELDS], cache_path, calibrate_tokens, work, max_probes, out)
         return
     cache = ActivationCache.open(cache_path)
-    model = _load_cache_model(cache, "cpu") if n_ce_sequences > 0 else None
+    model = load_cache_model(cache, "cpu") if n_ce_sequences > 0 else None
     rows: list[dict[str, Any]] = []
     for arch in archs:
         cfg = train_config(arch, cache_path, training_tokens, work / arch / "ours")
