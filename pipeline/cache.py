@@ -11,18 +11,26 @@ Layout of one harvest (a Zarr v3 group, ``data/harvests/<name>/``)::
 Activation rows are in token order (row ``r`` is token ``r % context_size`` of sequence
 ``r // context_size``). Arrays are chunked along tokens (``chunk_tokens`` rows, a whole number of
 sequences) and grouped into shards (``chunks_per_shard`` chunks per file) by zarr's sharding codec;
-each chunk is compressed with Blosc-Zstd and byte-shuffle. Measured on SmolLM2 residual
-activations in float16 (4,096 × 576 chunk): byte-shuffle + zstd-3 stores 1/1.074 of the raw bytes
-and decodes at ~610 MB/s per thread; bit-shuffle (zstd-3 or lz4) does not compress them at all
-(ratio 1.000: float16 mantissas are noise); zstd-9 + bit-shuffle reaches 1.034 at 5 MB/s encode. Zarr's local store writes every file to a
+each chunk is compressed with byte-shuffled Blosc, LZ4 by default (see :data:`COMPRESSIONS`; float16
+activations are close to incompressible: Zstd saves ~7% at ~10x the decode time, bit-shuffle saves
+nothing, measured by ``sae-pipeline bench --cases codecs``). Zarr's local store writes every file to a
 temporary name and renames it, so a chunk write is atomic; the group's ``n_chunks_written``
 attribute is advanced only after a chunk is on disk for every hook, so a killed harvest leaves a
 group that says exactly how far it got and never one marked ``complete`` that is missing data.
+A write the OS refuses (disk full, read-only, permissions) stops the harvest with a
+:class:`~pipeline.errors.CacheWriteError` and leaves the same resumable state.
+
+Several processes may fill one cache at once (a distributed harvest): each stores the chunks of
+its own shard files (:meth:`CacheLayout.shard_ranges`, :meth:`CacheWriter.write_chunk_data`) and
+one process, the holder of the writer lock, records checksums and progress
+(:meth:`CacheWriter.record_chunks`) and finalizes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import math
 import os
@@ -34,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import google_crc32c  # installed with zarr, whose crc32c codec uses it
 import numpy as np
 import torch
 import zarr
@@ -41,11 +50,15 @@ from tqdm.auto import tqdm
 from zarr.codecs import BloscCodec
 
 from pipeline.constants import CHECKSUMS_GROUP, COMPLETE_ATTR, LOCK_SUFFIX, TOKENS_ARRAY
-from pipeline.errors import CacheError
+from pipeline.errors import CacheError, CacheWriteError
 
-FORMAT_VERSION = 2  # 2: per-chunk checksums
+FORMAT_VERSION = 3  # 2: per-chunk CRC-32 checksums; 3: CRC-32C (hardware-accelerated, ~2.5x faster)
+# Checksum of each format version this sae-pipeline reads (crc32c is what zarr's own codec uses).
+CHECKSUM_ALGORITHMS = {2: "crc32", 3: "crc32c"}
 _NUMPY_STORAGE = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+LOCK_RETRIES = 5  # 20 ms apart: a reader's flock probe lasts microseconds
+BUILDING_SUFFIX = ".creating"  # <cache>.creating: a new cache being laid out, renamed into place when whole
 
 
 def array_key(hook_name: str) -> str:
@@ -103,6 +116,22 @@ class CacheLayout:
         start = i * self.chunk_tokens
         return start, min(start + self.chunk_tokens, self.n_tokens)
 
+    def shard_ranges(self, first_chunk: int, n_ranges: int) -> list[tuple[int, int]]:
+        """Chunks ``[first_chunk, n_chunks)`` as at most ``n_ranges`` contiguous ranges
+        ``[start, stop)`` of whole shards (the first may start inside one), shards dealt out evenly.
+
+        Zarr stores a chunk by rewriting its whole shard file (read, modify, write), so processes
+        writing at once must never share a shard: ranges that meet only at shard boundaries don't.
+        """
+        per = self.chunks_per_shard
+        first_shard, n_shards = first_chunk // per, math.ceil(self.n_chunks / per)
+        left = n_shards - first_shard
+        if left <= 0 or first_chunk >= self.n_chunks:
+            return []
+        n = max(1, min(n_ranges, left))
+        bounds = [first_shard + left * j // n for j in range(n + 1)]
+        return [(max(first_chunk, a * per), min(self.n_chunks, b * per)) for a, b in zip(bounds, bounds[1:])]
+
 
 def chunk_tokens_for(context_size: int, target_tokens: int) -> int:
     """Round the wanted chunk size to a whole number of sequences (at least one)."""
@@ -146,16 +175,16 @@ class ActivationCache:
         if group.attrs.get("format") != "sae-pipeline-activations":
             raise CacheError(f"{str(path)!r} is a Zarr group but not a sae-pipeline activation cache.")
         version = group.attrs.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in CHECKSUM_ALGORITHMS:
             raise CacheError(
-                f"the cache at {str(path)!r} has format version {version}, this sae-pipeline reads version "
-                f"{FORMAT_VERSION}; re-harvest it (same command with --overwrite)."
+                f"the cache at {str(path)!r} has format version {version}, this sae-pipeline reads versions "
+                f"{sorted(CHECKSUM_ALGORITHMS)}; re-harvest it (same command with --overwrite)."
             )
         check_attributes(path, dict(group.attrs), group)
         cache = cls(path, group)
         if require_complete and not cache.complete:
-            holder = _read_lock(lock_path(path))
-            if holder and not _is_stale(holder):
+            state, holder = lock_state(path)
+            if state in ("running", "unknown"):
                 raise CacheError(
                     f"the cache at {str(path)!r} is still being written by pid {holder.get('pid')} on "
                     f"{holder.get('host')} ({cache.n_chunks_written}/{cache.layout.n_chunks} chunks so far); "
@@ -247,9 +276,14 @@ class ActivationCache:
             block = self.array(hook_name)[start:stop]
         except Exception as e:  # codec and shard-index errors come in many types
             raise damaged_error(self, hook_name, [i], f"it cannot be decoded ({type(e).__name__})") from e
-        if verify and chunk_checksum(block) != self.recorded_checksum(hook_name, i):
+        if verify and chunk_checksum(block, self.checksum_algorithm) != self.recorded_checksum(hook_name, i):
             raise damaged_error(self, hook_name, [i], "its checksum differs from the one written")
         return from_storage(block, self.dtype)
+
+    @property
+    def checksum_algorithm(self) -> str:
+        """``"crc32c"`` (format 3) or ``"crc32"`` (format 2): how the chunk checksums were computed."""
+        return CHECKSUM_ALGORITHMS[self.attrs.get("format_version", FORMAT_VERSION)]
 
     def recorded_checksum(self, hook_name: str, i: int) -> int:
         """The CRC-32 recorded for chunk ``i`` (read once per hook: the hot path is the loader)."""
@@ -355,9 +389,10 @@ def check_attributes(path: Path, attrs: dict[str, Any], group: zarr.Group) -> No
         )
 
 
-def chunk_checksum(block: np.ndarray) -> int:
-    """CRC-32 of a chunk's stored (uncompressed) bytes."""
-    return zlib.crc32(np.ascontiguousarray(block).view(np.uint8).reshape(-1))
+def chunk_checksum(block: np.ndarray, algorithm: str = "crc32c") -> int:
+    """CRC-32C (or, for format-2 caches, CRC-32) of a chunk's stored (uncompressed) bytes."""
+    data = np.ascontiguousarray(block).view(np.uint8).reshape(-1)
+    return google_crc32c.value(data) if algorithm == "crc32c" else zlib.crc32(data)
 
 
 def damaged_error(cache: ActivationCache, hook: str, chunks: list[int], why: str) -> CacheError:
@@ -417,6 +452,27 @@ def compute_statistics(cache: ActivationCache, hook_name: str, *, exclude_token_
     return {"mean": (total / n).tolist(), "mean_norm": float(norm_total / n), "n_rows": n}
 
 
+# Activation codecs (``compression``), measured by ``pipeline.bench.codecs`` (``sae-pipeline bench
+# --cases codecs``): float16 activations are close to incompressible (their mantissa bytes are
+# noise), so Zstd saves ~7% of the bytes but decodes ~10x slower than LZ4, which on these data
+# stores the bytes as they are and costs almost nothing to read. The loader is the hot path, so
+# LZ4 is the default; "zstd" suits archives, "none" skips Blosc entirely.
+COMPRESSIONS = ("lz4", "zstd", "none")
+
+
+def activation_compressor(compression: str, level: int = 3) -> BloscCodec | None:
+    """The zarr compressor of activation arrays: byte-shuffled Blosc with ``compression``.
+
+    Raises:
+        CacheError: ``compression`` is not one of :data:`COMPRESSIONS`.
+    """
+    if compression not in COMPRESSIONS:
+        raise CacheError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}.")
+    if compression == "none":
+        return None
+    return BloscCodec(cname=compression, clevel=level, shuffle="shuffle")
+
+
 class CacheWriter:
     """Creates or resumes a harvest and appends it chunk by chunk (see the module docstring)."""
 
@@ -424,6 +480,17 @@ class CacheWriter:
         self.path = path
         self.group = group
         self.cache = ActivationCache(path, group)
+        self._recorded: set[int] = set(range(self.n_chunks_written))
+
+    @classmethod
+    def open_existing(cls, path: str | Path) -> "CacheWriter":
+        """A writer of the cache another process created (a worker of a distributed harvest).
+
+        Raises:
+            CacheError: ``path`` holds no cache, or a damaged one.
+        """
+        cache = ActivationCache.open(path, require_complete=False)
+        return cls(cache.path, zarr.open_group(str(cache.path), mode="r+"))
 
     @classmethod
     def create_or_resume(
@@ -437,21 +504,26 @@ class CacheWriter:
         chunk_tokens: int,
         chunks_per_shard: int,
         n_holdout_chunks: int,
+        compression: str = "lz4",
         compression_level: int = 3,
         overwrite: bool = False,
     ) -> "CacheWriter":
         """Open ``path`` for writing: create it, or resume it if it holds the same harvest.
 
         ``metadata`` must hold everything that identifies the harvest (model, weights fingerprint,
-        hooks, dataset fingerprint, ...); a resume is refused unless it matches exactly.
+        hooks, dataset fingerprint, ...); a resume is refused unless it matches exactly. A new
+        cache is laid out in ``<path>.creating`` and renamed to ``path`` when whole, so a harvest
+        killed or out of space while creating it leaves nothing a re-run would refuse.
 
         Raises:
             CacheError: ``path`` is a file or a folder of something else than a cache (never
                 deleted, even with ``overwrite``), or holds a different harvest and ``overwrite``
                 is False; nothing is touched.
+            CacheWriteError: the OS refused to write the new cache (nothing is left of it).
         """
         path = Path(path)
-        identity = {**metadata, "hook_names": list(d_in), "d_in": d_in, "dtype": dtype, "chunk_tokens": chunk_tokens,
+        identity = {**metadata, "hook_names": list(d_in), "d_in": d_in, "dtype": dtype, "compression": compression,
+                    "chunk_tokens": chunk_tokens,
                     "chunks_per_shard": chunks_per_shard, "n_seqs": int(tokens.shape[0]),
                     "context_size": int(tokens.shape[1]), "n_holdout_chunks": n_holdout_chunks,
                     "tokens_sha256": _sha256(tokens)}
@@ -465,11 +537,32 @@ class CacheWriter:
                     f"{str(path)!r} already holds a different harvest (differs in: {', '.join(diff)}). "
                     "Nothing was changed. Pass --overwrite to replace it, or choose another output_path."
                 )
-            _remove_partial_files(path)
+            try:
+                _remove_partial_files(path)
+            except OSError as err:
+                raise write_error(path, "its leftover partial files", err) from None
             return cls(path, zarr.open_group(str(path), mode="r+"))
-        if path.exists():
-            shutil.rmtree(path)
-        group = zarr.open_group(str(path), mode="w")
+        building = building_path(path)
+        try:
+            shutil.rmtree(building, ignore_errors=True)  # left by a harvest killed while creating (we hold the lock)
+            cls._create(building, identity, d_in=d_in, tokens=tokens, dtype=dtype, chunk_tokens=chunk_tokens,
+                        chunks_per_shard=chunks_per_shard, compression=compression,
+                        compression_level=compression_level)
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(building, path)  # the cache appears whole or not at all
+        except OSError as err:
+            # zarr writes a new array's files concurrently, and one may land after this cleanup:
+            # such a remnant of <path>.creating is removed by the next run before it builds
+            shutil.rmtree(building, ignore_errors=True)
+            raise write_error(path, "the empty arrays", err) from None
+        return cls(path, zarr.open_group(str(path), mode="r+"))
+
+    @staticmethod
+    def _create(folder: Path, identity: dict[str, Any], *, d_in: dict[str, int], tokens: np.ndarray, dtype: str,
+                chunk_tokens: int, chunks_per_shard: int, compression: str, compression_level: int) -> None:
+        """Lay out an empty cache in ``folder``: arrays, checksums, token ids and attributes."""
+        group = zarr.open_group(str(folder), mode="w")
         layout = CacheLayout(int(tokens.shape[0]), int(tokens.shape[1]), chunk_tokens, chunks_per_shard)
         for hook, width in d_in.items():
             group.create_array(
@@ -478,7 +571,7 @@ class CacheWriter:
                 chunks=(chunk_tokens, width),
                 shards=(chunk_tokens * chunks_per_shard, width),
                 dtype=_NUMPY_STORAGE[dtype],
-                compressors=BloscCodec(cname="zstd", clevel=compression_level, shuffle="shuffle"),
+                compressors=activation_compressor(compression, compression_level),
                 fill_value=0,
             )
             group.create_array(f"{CHECKSUMS_GROUP}/{array_key(hook)}", shape=(layout.n_chunks,), dtype="uint32",
@@ -491,7 +584,6 @@ class CacheWriter:
         group.attrs.update({"format": "sae-pipeline-activations", "format_version": FORMAT_VERSION,
                             **identity, "n_tokens": layout.n_tokens,
                             "n_chunks_written": 0, COMPLETE_ATTR: False})
-        return cls(path, group)
 
     @property
     def layout(self) -> CacheLayout:
@@ -502,30 +594,143 @@ class CacheWriter:
         return int(self.group.attrs.get("n_chunks_written", 0))
 
     def write_chunk(self, i: int, blocks: dict[str, np.ndarray]) -> None:
-        """Write chunk ``i`` for every hook, then advance the progress attribute.
+        """Write chunk ``i`` for every hook (:meth:`write_chunk_data`), then record it (:meth:`record_chunks`).
 
         Chunks must be written in order; ``blocks[hook]`` is ``[rows_of_chunk_i, d_in]`` in the
         storage dtype (see :func:`to_storage`).
+
+        Raises:
+            CacheError: ``i`` is out of order or a block has the wrong number of rows.
+            CacheWriteError: the OS refused the write (disk full, read-only, permissions).
         """
         if i != self.n_chunks_written:
             raise CacheError(f"chunk {i} written out of order (expected {self.n_chunks_written}).")
+        self.record_chunks({i: self.write_chunk_data(i, blocks)})
+
+    def write_chunk_data(self, i: int, blocks: dict[str, np.ndarray]) -> dict[str, int]:
+        """Store chunk ``i``'s activations for every hook and return their checksums ``{hook: checksum}``.
+
+        Writes only the hooks' arrays, never the checksums or attributes, so processes writing
+        chunks of *different shard files* (:meth:`CacheLayout.shard_ranges`) may call it at once;
+        one process records what they wrote with :meth:`record_chunks`.
+
+        Raises:
+            CacheError: a block has the wrong number of rows.
+            CacheWriteError: the OS refused the write; chunks recorded before are kept.
+        """
         start, stop = self.layout.chunk_rows(i)
-        for hook, block in blocks.items():
-            if block.shape[0] != stop - start:
-                raise CacheError(f"chunk {i} of {hook!r} has {block.shape[0]} rows, expected {stop - start}.")
-            self.group[array_key(hook)][start:stop] = block
-            self.group[f"{CHECKSUMS_GROUP}/{array_key(hook)}"][i] = chunk_checksum(block)
-        self.group.attrs["n_chunks_written"] = i + 1
+        crcs = {}
+        with self._writes(f"chunk {i}"):
+            for hook, block in blocks.items():
+                if block.shape[0] != stop - start:
+                    raise CacheError(f"chunk {i} of {hook!r} has {block.shape[0]} rows, expected {stop - start}.")
+                self.group[array_key(hook)][start:stop] = block
+                crcs[hook] = chunk_checksum(block, self.cache.checksum_algorithm)
+        return crcs
+
+    def record_chunks(self, crcs: dict[int, dict[str, int]]) -> None:
+        """Record chunks already stored (``{chunk: {hook: crc}}``): their checksums, then
+        ``n_chunks_written`` advanced over every chunk recorded so far without a gap.
+
+        Chunks recorded past a gap (a later shard range of a distributed harvest that finished
+        first) count once the gap is filled; until then only this writer knows them, so a harvest
+        killed meanwhile redoes them. Call from one process only (the attributes live in one file).
+
+        Raises:
+            CacheWriteError: the OS refused the write.
+        """
+        with self._writes(f"the checksums of chunk(s) {sorted(crcs)}"):
+            for hook in self.cache.hook_names:
+                checksums = self.group[f"{CHECKSUMS_GROUP}/{array_key(hook)}"]
+                for i, per_hook in sorted(crcs.items()):
+                    checksums[i] = per_hook[hook]
+            self._recorded.update(crcs)
+            n = self.n_chunks_written
+            while n in self._recorded:
+                n += 1
+            if n != self.n_chunks_written:
+                self.group.attrs["n_chunks_written"] = n
 
     def finalize(self, statistics: dict[str, Any], extra: dict[str, Any] | None = None) -> ActivationCache:
-        """Record statistics and mark the harvest complete (the last write of a harvest)."""
+        """Record statistics and mark the harvest complete (the last write of a harvest).
+
+        Raises:
+            CacheError: chunks are missing.
+            CacheWriteError: the OS refused the write; re-running the harvest finalizes it.
+        """
         if self.n_chunks_written != self.layout.n_chunks:
             raise CacheError(
                 f"cannot finalize: {self.n_chunks_written}/{self.layout.n_chunks} chunks written."
             )
-        self.group.attrs.update({"statistics": statistics, **(extra or {})})
-        self.group.attrs[COMPLETE_ATTR] = True
+        with self._writes("the statistics and completion marker"):
+            self.group.attrs.update({"statistics": statistics, **(extra or {})})
+            self.group.attrs[COMPLETE_ATTR] = True
         return ActivationCache.open(self.path)
+
+    @contextlib.contextmanager
+    def _writes(self, what: str) -> Iterator[None]:
+        """Turn the OS refusing a write (disk full, read-only, permissions) into a CacheWriteError."""
+        try:
+            yield
+        except OSError as err:
+            raise write_error(self.path, what, err, self._progress()) from None
+
+    def _progress(self) -> str:
+        """What a failed write leaves: the chunks recorded on disk (read back, as another process
+        may be the one recording) and the bytes the rest still needs."""
+        done = int(_read_attributes(self.path).get("n_chunks_written", 0))
+        layout = self.layout
+        row_bytes = sum(self.cache.attrs["d_in"].values()) * np.dtype(_NUMPY_STORAGE[self.cache.dtype]).itemsize
+        rows_left = layout.n_tokens - min(layout.n_tokens, done * layout.chunk_tokens)
+        kept = (f"The {done} chunk(s) recorded before are on disk with their checksums and are kept; "
+                if done else "No chunk was recorded yet; ")
+        return (kept + f"the remaining {layout.n_chunks - done} need up to {_size(rows_left * row_bytes)} "
+                f"(uncompressed). Resuming starts at chunk {done}. ")
+
+
+# Per OS error, what the user does about it.
+_RESUME = "then re-run the same command to resume"
+_WRITE_FIXES = {
+    errno.ENOSPC: f"free space on that filesystem, {_RESUME}",
+    errno.EDQUOT: f"free space or raise your quota on that filesystem, {_RESUME}",
+    errno.EROFS: "the filesystem is read-only: make it writable and re-run the same command, or harvest into an "
+                 "output_path on a writable filesystem",
+    errno.EACCES: f"make the folder writable for this user, {_RESUME}",
+    errno.EPERM: f"make the folder writable for this user, {_RESUME}",
+}
+
+
+def write_error(path: str | Path, what: str, err: OSError, progress: str = "") -> CacheWriteError:
+    """The error a harvest raises when the OS refuses a write: the cache path, what was being
+    written, the OS error and file, the free space there, what was kept, and the fix."""
+    code = errno.errorcode.get(err.errno or 0, "unknown")
+    where = f" at {err.filename}" if err.filename else ""
+    fix = _WRITE_FIXES.get(err.errno, f"remove the cause the OS names, {_RESUME}")
+    return CacheWriteError(
+        f"cannot write {what} of the cache at {str(path)!r}: {err.strerror or err} ({code}{where}); "
+        f"{_free_space(Path(path))} free on that filesystem. {progress}Fix: {fix}."
+    )
+
+
+def _free_space(path: Path) -> str:
+    for folder in (path, *path.absolute().parents):  # the nearest folder that exists
+        try:
+            return _size(shutil.disk_usage(folder).free)
+        except OSError:
+            continue
+    return "unknown space"
+
+
+def _size(n_bytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{n_bytes / 2**10:.1f} KiB"
+
+
+def building_path(path: str | Path) -> Path:
+    """Where a new cache is laid out before it is renamed to ``path``: ``<path>.creating`` beside it."""
+    return Path(str(Path(path)) + BUILDING_SUFFIX)
 
 
 def is_cache_folder(path: Path) -> bool:
@@ -554,37 +759,88 @@ def check_output_folder(path: Path, overwrite: bool) -> None:
 def writer_lock(path: str | Path, *, break_lock: bool = False) -> Iterator[None]:
     """Hold the exclusive writer lock of the cache at ``path`` (a ``<path>.lock`` file beside it).
 
-    The lock records host, pid and start time. A lock left by a process of this host that no
-    longer runs (a killed harvest) is stale and is removed with a note; a live holder, or a holder
-    on another host (which cannot be checked), is refused unless ``break_lock``.
+    The lock file records host, pid and start time, and its holder keeps an exclusive ``flock`` on
+    it while it writes; the kernel releases that the moment the holder dies, however it dies. So a
+    held flock means a live writer (refused, named; ``break_lock`` does not override it), and a lock
+    file left by a process of this host whose flock is free is stale (a killed harvest): it is
+    taken over with a note. A lock naming another host whose flock is free cannot be judged (not
+    every shared filesystem carries flocks between machines) and is refused unless ``break_lock``.
+    Taking over happens under the flock, so two harvests that find the same stale lock at once
+    cannot both win (pid checks alone cannot tell a reused pid, nor order two breakers).
 
     Raises:
         CacheError: another writer holds the lock; the message names it and the fix.
+        CacheWriteError: the lock file cannot be created (read-only or unwritable folder).
     """
     lock = lock_path(path)
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            holder = _read_lock(lock)
-            if not (break_lock or _is_stale(holder)):
-                raise CacheError(
-                    f"{str(path)!r} is being written by pid {holder.get('pid')} on {holder.get('host')} "
-                    f"(since {holder.get('started')}). Wait for it to finish; if that process is gone, "
-                    "re-run with --break-lock."
-                ) from None
-            print(f"note: removing the lock of pid {holder.get('pid')} on {holder.get('host')}, "
-                  f"{'as asked' if break_lock else 'which no longer runs'}")
-            lock.unlink(missing_ok=True)
-    with os.fdopen(fd, "w") as f:
-        json.dump(me, f)
+    fd = _acquire_lock(lock, Path(path), break_lock)
     try:
         yield
     finally:
-        lock.unlink(missing_ok=True)
+        lock.unlink(missing_ok=True)  # before releasing the flock, so a waiting writer finds no lock
+        os.close(fd)
+
+
+def _acquire_lock(lock: Path, path: Path, break_lock: bool) -> int:
+    """Open, flock and claim ``lock``; returns the open descriptor that holds the flock."""
+    while True:
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise write_error(path, "the writer lock", err) from None
+        if not _flock_within(fd, LOCK_RETRIES):
+            os.close(fd)
+            raise _locked_error(path, _read_lock(lock), "its lock is held by a running process")
+        if not _same_file(fd, lock):  # its holder removed it between our open and flock: try the new one
+            os.close(fd)
+            continue
+        holder = _read_lock(lock)
+        if holder and holder.get("host") != socket.gethostname() and not break_lock:
+            os.close(fd)
+            raise _locked_error(path, holder, "on another machine, which cannot be checked from here")
+        if holder:
+            print(f"note: taking over the lock of pid {holder.get('pid')} on {holder.get('host')}, "
+                  f"{'as asked' if holder.get('host') != socket.gethostname() else 'which no longer runs'}")
+        _claim(fd)
+        return fd
+
+
+def _flock_within(fd: int, attempts: int) -> bool:
+    """Take an exclusive flock on ``fd``; a few short retries ride out a reader's probe (:func:`lock_state`)."""
+    for attempt in range(attempts):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt + 1 < attempts:
+                time.sleep(0.02)
+    return False
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        on_disk = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (on_disk.st_dev, on_disk.st_ino)
+
+
+def _claim(fd: int) -> None:
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(me).encode(), 0)
+    os.fsync(fd)
+
+
+def _locked_error(path: Path, holder: dict[str, Any], why: str) -> CacheError:
+    fix = ("Wait for it to finish, or stop it first." if "running" in why else
+           "Wait for it to finish; if that process is gone, re-run with --break-lock.")
+    return CacheError(
+        f"{str(path)!r} is being written by pid {holder.get('pid')} on {holder.get('host')} "
+        f"(since {holder.get('started')}; {why}). {fix}"
+    )
 
 
 def lock_path(path: str | Path) -> Path:
@@ -592,25 +848,35 @@ def lock_path(path: str | Path) -> Path:
     return Path(str(Path(path)) + LOCK_SUFFIX)
 
 
+def lock_state(path: str | Path) -> tuple[str, dict[str, Any]]:
+    """Who holds the writer lock of the cache at ``path``, and whether it still runs.
+
+    Returns ``(state, holder)`` with ``holder`` the lock file's host, pid and start time ({} if
+    none) and ``state`` one of ``"none"`` (no lock file), ``"running"`` (its flock is held),
+    ``"stale"`` (left by a process of this host that no longer runs: the next harvest takes it
+    over) or ``"unknown"`` (a process on another host: ``--break-lock`` if it is gone).
+    """
+    lock = lock_path(path)
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return "none", {}
+    try:
+        holder = _read_lock(lock)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return "running", holder
+    finally:
+        os.close(fd)  # closing releases the probe's shared flock
+    return ("unknown" if holder.get("host") not in (None, socket.gethostname()) else "stale"), holder
+
+
 def _read_lock(lock: Path) -> dict[str, Any]:
     try:
         return json.loads(lock.read_text())
     except (OSError, ValueError):
         return {}  # missing, or half-written by a writer killed while locking (treated as stale)
-
-
-def _is_stale(holder: dict[str, Any]) -> bool:
-    if not holder:
-        return True
-    if holder.get("host") != socket.gethostname():
-        return False  # cannot tell whether a process on another machine still runs
-    try:
-        os.kill(int(holder["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, KeyError, ValueError):
-        return False
-    return False
 
 
 def _sha256(array: np.ndarray) -> str:

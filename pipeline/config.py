@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import torch
 import yaml
 
+from pipeline.cache import COMPRESSIONS
 from pipeline.errors import ConfigError
 from pipeline.fieldtypes import check_field_type, union_members
 from pipeline.sae.registry import ARCHITECTURES
@@ -191,6 +192,7 @@ class HarvestConfig(_Config):
     device: str = "cpu"
     chunk_tokens: int = 4096
     chunks_per_shard: int = 8
+    compression: str = "lz4"  # lz4 | zstd | none: see pipeline.cache.COMPRESSIONS
     compression_level: int = 3
     output_path: str = "data/harvests/default"
     overwrite: bool = False
@@ -214,6 +216,7 @@ class HarvestConfig(_Config):
         self._check_choice("dtype", STORAGE_DTYPES)
         self._check_choice("model_dtype", STORAGE_DTYPES)
         self._check_choice("separator", ("eos", "bos", "none"))
+        self._check_choice("compression", COMPRESSIONS)
         if not self.hook_names:
             raise ConfigError("hook_names is empty; name at least one hook, e.g. blocks.8.hook_resid_post.")
         if len(set(self.hook_names)) != len(self.hook_names):
@@ -228,7 +231,7 @@ class HarvestConfig(_Config):
                 f"holdout_tokens ({self.holdout_tokens}) must be >= 0 and below n_tokens ({self.n_tokens})."
             )
         if not 1 <= self.compression_level <= 22:
-            raise ConfigError(f"compression_level must be in 1..22 (zstd), got {self.compression_level}.")
+            raise ConfigError(f"compression_level must be in 1..22, got {self.compression_level}.")
 
 
     @property
@@ -268,7 +271,7 @@ _SAELENS_ACTIVATION_FIELDS = (
     "model_from_pretrained_kwargs", "n_batches_for_norm_estimate",
 )
 _SAELENS_RUNNER_FIELDS = (
-    "autocast", "compile_sae", "sae_compilation_mode", "n_restart_cycles", "n_eval_batches",
+    "compile_sae", "sae_compilation_mode", "n_restart_cycles", "n_eval_batches",
     "eval_batch_size_prompts", "save_final_checkpoint", "verbose", "sae_lens_version",
     "sae_lens_training_version", "eval_every_n_wandb_logs", "wandb_id", "wandb_log_frequency_eval",
 )
@@ -331,6 +334,7 @@ class TrainConfig(_Config):
     seed: int = 42
     device: str = "cpu"
     dtype: str = "float32"
+    autocast: bool = False  # SAELens's name: forward and backward matmuls in bfloat16, fp32 weights
     output_path: str = "data/saes/default"
     n_checkpoints: int = 0
     checkpoint_path: str | None = None

@@ -33,9 +33,15 @@ class CacheError(SaePipelineError):
     """An activation cache is missing, incomplete, damaged, locked or incompatible."""
 
 
+class CacheWriteError(CacheError):
+    """A harvest cannot write its cache (disk full, quota, read-only or unwritable folder); the
+    message names the path, the OS error, the free space there and how to resume."""
+
+
 class SAEFormatError(SaePipelineError):
     """An SAE folder is missing files, or its tensors do not match its cfg.json."""
 
 
 class TrainingError(SaePipelineError):
-    """Training cannot continue (NaN/Inf loss, d_in mismatch with the cache)."""
+    """Training cannot continue (NaN/Inf in a batch, loss, gradient or parameter; d_in mismatch
+    with the cache)."""

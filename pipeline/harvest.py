@@ -3,6 +3,9 @@
 All hooks are captured in one forward pass that stops after the last hooked block. Token
 sequences are fixed before any forward pass (they are small next to the activations) so the
 harvest is deterministic and a resumed harvest continues at the exact chunk where it stopped.
+With a Dask scheduler the chunks still to do are split into ranges of whole shard files, each
+computed and stored by a worker (:func:`harvest_range`), while this process holds the writer
+lock, records what returns and finalizes: the cache is identical to a single-process harvest.
 """
 
 from __future__ import annotations
@@ -11,17 +14,17 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from pipeline import __version__, models, text
-from pipeline.cache import (TORCH_DTYPES, ActivationCache, CacheWriter, check_output_folder, chunk_tokens_for,
-                            compute_statistics, is_cache_folder, to_storage, writer_lock)
+from pipeline.cache import (TORCH_DTYPES, ActivationCache, CacheLayout, CacheWriter, check_output_folder,
+                            chunk_tokens_for, compute_statistics, is_cache_folder, to_storage, writer_lock)
 from pipeline.config import HarvestConfig
-from pipeline.errors import ConfigError, DatasetError
+from pipeline.errors import CacheError, ConfigError, DatasetError
 
 @dataclass
 class HarvestResult:
@@ -53,21 +56,33 @@ def tokenize_dataset(cfg: HarvestConfig, tokenizer) -> np.ndarray:
     return np.stack(rows).astype(np.int32)
 
 
-def harvest(cfg: HarvestConfig, model=None) -> HarvestResult:
+def harvest(cfg: HarvestConfig, model=None, *, scheduler: str | None = None,
+            torch_threads: int | None = None) -> HarvestResult:
     """Run stage 1: tokenize, run the model, write (or resume) the cache at ``cfg.output_path``.
 
     Only one harvest writes a cache at a time (see :func:`pipeline.cache.writer_lock`).
+
+    Args:
+        model: the loaded model (else loaded from ``cfg.model_name``); with ``scheduler`` it
+            only supplies the metadata, as every worker loads its own copy by name.
+        scheduler: split the chunks still to harvest into shard-aligned ranges computed by the
+            workers of this Dask scheduler (``tcp://host:8786``), or of a ``LocalCluster`` with
+            ``"local"`` (:func:`pipeline.distributed.harvest_on_cluster`); the cache is the same
+            as without it. None runs every forward pass here.
+        torch_threads: torch CPU threads per worker task (default: this process's).
 
     Raises:
         ModelError, HookNameError, DatasetError, ConfigError, CacheError: bad input, before any
             activation is written; CacheError on float16 overflow (names hook and max value), or
             when another harvest is writing the same output path.
+        CacheWriteError: the disk is full or the output is not writable; what was written before
+            is kept, and re-running the same command after fixing it resumes.
     """
     with writer_lock(cfg.output_path, break_lock=cfg.break_lock):
-        return _harvest_locked(cfg, model)
+        return _harvest_locked(cfg, model, scheduler, torch_threads)
 
 
-def _harvest_locked(cfg: HarvestConfig, model) -> HarvestResult:
+def _harvest_locked(cfg: HarvestConfig, model, scheduler: str | None, torch_threads: int | None) -> HarvestResult:
     check_output_folder(Path(cfg.output_path), cfg.overwrite)
     finished = _finished_identical(cfg)
     if finished is not None:
@@ -91,18 +106,26 @@ def _harvest_locked(cfg: HarvestConfig, model) -> HarvestResult:
     writer = CacheWriter.create_or_resume(
         cfg.output_path, metadata=metadata, d_in=d_in, tokens=tokens, dtype=cfg.dtype,
         chunk_tokens=chunk_tokens, chunks_per_shard=cfg.chunks_per_shard, n_holdout_chunks=n_holdout,
-        compression_level=cfg.compression_level, overwrite=cfg.overwrite,
+        compression=cfg.compression, compression_level=cfg.compression_level, overwrite=cfg.overwrite,
     )
-    return _fill(model, tokens, writer, cfg, special)
+    return _fill(model, tokens, writer, cfg, special, scheduler, torch_threads)
 
 
-def _fill(model, tokens: np.ndarray, writer: CacheWriter, cfg: HarvestConfig, special: list[int]) -> HarvestResult:
+def _fill(model, tokens: np.ndarray, writer: CacheWriter, cfg: HarvestConfig, special: list[int],
+          scheduler: str | None, torch_threads: int | None) -> HarvestResult:
     """Run the forward passes the cache still lacks, then record statistics and mark it complete."""
+    layout = writer.layout
     start_chunk = writer.n_chunks_written
     if start_chunk:
-        print(f"resuming harvest at chunk {start_chunk}/{writer.layout.n_chunks} ({str(cfg.output_path)!r})")
+        print(f"resuming harvest at chunk {start_chunk}/{layout.n_chunks} ({str(cfg.output_path)!r})")
     t0 = time.perf_counter()
-    _run_forward(model, tokens, writer, cfg, start_chunk)
+    if scheduler is not None and start_chunk < layout.n_chunks:
+        from pipeline.distributed import harvest_on_cluster  # dask is needed only here
+
+        harvest_on_cluster(cfg, writer, scheduler, torch_threads=torch_threads)
+    else:
+        for i, blocks in forward_chunks(model, tokens, layout, cfg, range(start_chunk, layout.n_chunks)):
+            writer.write_chunk(i, blocks)
     elapsed = time.perf_counter() - t0
     n_new = tokens.size - min(tokens.size, start_chunk * writer.layout.chunk_tokens)
     if writer.cache.complete:
@@ -168,32 +191,64 @@ def _finished_identical(cfg: HarvestConfig) -> ActivationCache | None:
     return cache if cache.complete and same else None
 
 
-def _run_forward(model, tokens: np.ndarray, writer: CacheWriter, cfg: HarvestConfig, start_chunk: int) -> None:
-    """Forward every sequence from ``start_chunk`` on, buffering one chunk per hook before writing."""
-    layout = writer.layout
+def forward_chunks(model, tokens: np.ndarray, layout: CacheLayout, cfg: HarvestConfig, chunks: range, *,
+                   progress: bool = True) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Run ``model`` over the sequences of ``chunks`` and yield each chunk as soon as it is whole:
+    ``(i, {hook: [rows of chunk i, d_in]})`` in the storage dtype (:func:`pipeline.cache.to_storage`).
+
+    ``tokens`` is the harvest's ``[n_seqs, context_size]`` token ids. Forward batches of up to
+    ``store_batch_size_prompts`` sequences start at each chunk's first sequence and never straddle
+    a chunk boundary, so a chunk is computed from the same batches whichever range it belongs to
+    (a resume, a worker's shard range), and so holds the same values.
+
+    Raises:
+        CacheError: float16 overflow or NaN/Inf activations (names the hook and max value).
+    """
     seqs_per_chunk = layout.chunk_tokens // layout.context_size
     stop_at = models.stop_at_layer_for(cfg.hook_names)
-    buffers: dict[str, list[np.ndarray]] = {h: [] for h in cfg.hook_names}
-    chunk = start_chunk
-    s = start_chunk * seqs_per_chunk
-    bar = tqdm(total=tokens.size, initial=min(s * layout.context_size, tokens.size), unit="tok",
-               unit_scale=True, desc="harvest", dynamic_ncols=True)
+    first, last = chunks.start * seqs_per_chunk, min(chunks.stop * seqs_per_chunk, tokens.shape[0])
+    bar = tqdm(total=tokens.size, initial=min(first * layout.context_size, tokens.size), unit="tok",
+               unit_scale=True, desc="harvest", dynamic_ncols=True, disable=not progress)
     with bar, torch.no_grad():
-        while s < tokens.shape[0]:
-            # never let a forward batch straddle a chunk boundary, so each chunk flushes exactly
-            e = min(s + cfg.store_batch_size_prompts, tokens.shape[0], (chunk + 1) * seqs_per_chunk)
-            batch = torch.from_numpy(tokens[s:e].astype(np.int64)).to(cfg.device)
-            _, act_cache = model.run_with_cache(batch, names_filter=list(cfg.hook_names), stop_at_layer=stop_at)
-            for hook in cfg.hook_names:
-                act = act_cache[hook]  # [batch, pos, ...]; e.g. hook_z's heads flatten into d_in
-                acts = act.reshape(act.shape[0] * act.shape[1], -1).cpu()
-                buffers[hook].append(to_storage(acts, cfg.dtype, hook))
-            bar.update((e - s) * layout.context_size)
-            if e == min((chunk + 1) * seqs_per_chunk, tokens.shape[0]):
-                writer.write_chunk(chunk, {h: np.concatenate(b) for h, b in buffers.items()})
-                buffers = {h: [] for h in cfg.hook_names}
-                chunk += 1
-            s = e
+        for i in chunks:
+            buffers: dict[str, list[np.ndarray]] = {h: [] for h in cfg.hook_names}
+            end = min((i + 1) * seqs_per_chunk, last)
+            for s in range(i * seqs_per_chunk, end, cfg.store_batch_size_prompts):
+                e = min(s + cfg.store_batch_size_prompts, end)
+                batch = torch.from_numpy(tokens[s:e].astype(np.int64)).to(cfg.device)
+                _, act_cache = model.run_with_cache(batch, names_filter=list(cfg.hook_names), stop_at_layer=stop_at)
+                for hook in cfg.hook_names:
+                    act = act_cache[hook]  # [batch, pos, ...]; e.g. hook_z's heads flatten into d_in
+                    acts = act.reshape(act.shape[0] * act.shape[1], -1).cpu()
+                    buffers[hook].append(to_storage(acts, cfg.dtype, hook))
+                bar.update((e - s) * layout.context_size)
+            yield i, {h: np.concatenate(b) for h, b in buffers.items()}
+
+
+def harvest_range(cfg: HarvestConfig, chunks: range, model, weights_fingerprint: str) -> dict[int, dict[str, int]]:
+    """A worker's part of a distributed harvest: compute ``chunks`` (whole shard files, see
+    :meth:`pipeline.cache.CacheLayout.shard_ranges`) of the cache the coordinator created at
+    ``cfg.output_path`` and store their activations; returns ``{chunk: {hook: checksum}}`` for
+    the coordinator to record (:meth:`pipeline.cache.CacheWriter.record_chunks`).
+
+    ``weights_fingerprint`` is :func:`pipeline.models.model_fingerprint` of ``model``.
+
+    Raises:
+        CacheError: the cache records other weights than ``model``'s (a worker that resolved
+            ``model_name`` to another file), or an activation overflows the storage dtype.
+        CacheWriteError: the OS refused a write.
+    """
+    writer = CacheWriter.open_existing(cfg.output_path)
+    recorded = writer.cache.attrs.get("weights_fingerprint")
+    if weights_fingerprint != recorded:
+        raise CacheError(
+            f"this worker's {cfg.model_name!r} has weights fingerprint {weights_fingerprint}, but the cache at "
+            f"{cfg.output_path!r} was started with {recorded}: every worker must load the same model file. "
+            "Install the same model on every machine of the cluster, then re-run the same command."
+        )
+    tokens = np.asarray(writer.cache.tokens[:])
+    return {i: writer.write_chunk_data(i, blocks)
+            for i, blocks in forward_chunks(model, tokens, writer.layout, cfg, chunks, progress=False)}
 
 
 def _disk_bytes(path: Path) -> int:

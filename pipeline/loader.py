@@ -125,26 +125,17 @@ class ActivationLoader:
     def _batches_cpu(self, stop: threading.Event) -> Iterator[torch.Tensor]:
         """Shuffle-buffer logic (see module docstring); yields float32 CPU batches forever."""
         gen = torch.Generator().manual_seed(self.seed)
-        buffer: list[torch.Tensor] = []
-        n_buffered, current_epoch = 0, 0
+        buffer: _RowStore | None = None
+        current_epoch = 0
         for epoch, rows in self._row_blocks(stop):
+            if buffer is None:  # it holds under buffer_rows before a chunk arrives, so one chunk more fits
+                buffer = _RowStore(self.buffer_rows + self.cache.layout.chunk_tokens, rows.shape[1], rows.dtype)
             if epoch != current_epoch:  # flush the finished epoch entirely
-                carry = yield from self._emit(buffer, gen, keep_fraction=0.0)
-                buffer, n_buffered, current_epoch = [carry], carry.shape[0], epoch
-            buffer.append(rows)
-            n_buffered += rows.shape[0]
-            if n_buffered >= self.buffer_rows:
-                carry = yield from self._emit(buffer, gen, keep_fraction=0.5)
-                buffer, n_buffered = [carry], carry.shape[0]
-
-    def _emit(self, buffer: list[torch.Tensor], gen: torch.Generator, keep_fraction: float):
-        """Permute the buffer, yield whole batches from all but ``keep_fraction`` of it, return the rest."""
-        rows = torch.cat(buffer)
-        rows = rows[torch.randperm(rows.shape[0], generator=gen)]
-        n_out = int(rows.shape[0] * (1 - keep_fraction)) // self.batch_size * self.batch_size
-        for s in range(0, n_out, self.batch_size):
-            yield rows[s : s + self.batch_size].float()
-        return rows[n_out:]
+                yield from buffer.emit(gen, self.batch_size, keep_fraction=0.0)
+                current_epoch = epoch
+            buffer.add(rows)
+            if buffer.n_rows >= self.buffer_rows:
+                yield from buffer.emit(gen, self.batch_size, keep_fraction=0.5)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self.batches()
@@ -199,3 +190,42 @@ class ActivationLoader:
                 except queue.Empty:
                     pass
                 thread.join(timeout=0.05)
+
+
+class _RowStore:
+    """The shuffle buffer: a fixed block of row slots that rows are copied into once, on arrival,
+    and gathered out of once, as a batch (no concatenation or permuted copy of the whole buffer).
+
+    ``filled`` lists the occupied slots in arrival order (rows kept from the last emit first, then
+    new chunks), so a permutation of it picks the same rows a permutation of the concatenated
+    buffer would.
+    """
+
+    def __init__(self, capacity: int, d_in: int, dtype: torch.dtype):
+        self.data = torch.empty(capacity, d_in, dtype=dtype)
+        self.free = torch.arange(capacity)
+        self.filled = torch.empty(0, dtype=torch.int64)
+
+    @property
+    def n_rows(self) -> int:
+        return self.filled.numel()
+
+    def add(self, rows: torch.Tensor) -> None:
+        short = rows.shape[0] - self.free.numel()
+        if short > 0:  # chunks larger than the buffer: the kept half outgrew the initial capacity
+            size = self.data.shape[0]
+            self.data = torch.cat([self.data, self.data.new_empty(short, self.data.shape[1])])
+            self.free = torch.cat([self.free, torch.arange(size, size + short)])
+        slots, self.free = self.free[: rows.shape[0]], self.free[rows.shape[0]:]
+        self.data.index_copy_(0, slots, rows)
+        self.filled = torch.cat([self.filled, slots])
+
+    def emit(self, gen: torch.Generator, batch_size: int, keep_fraction: float) -> Iterator[torch.Tensor]:
+        """Permute the rows, yield whole float32 batches from all but ``keep_fraction`` of them and
+        keep the rest (a final partial batch stays for the next epoch)."""
+        order = self.filled[torch.randperm(self.n_rows, generator=gen)]
+        n_out = int(self.n_rows * (1 - keep_fraction)) // batch_size * batch_size
+        self.filled = order[n_out:]
+        for s in range(0, n_out, batch_size):
+            yield self.data.index_select(0, order[s : s + batch_size]).float()
+        self.free = torch.cat([self.free, order[:n_out]])

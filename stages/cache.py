@@ -6,8 +6,13 @@ import json
 
 import click
 
-from pipeline.cache import ActivationCache, verify
+from pipeline.cache import ActivationCache, lock_state, verify
 from pipeline.errors import CacheError
+
+_LOCK_STATES = {"running": "its writer is running",
+                "stale": "its writer no longer runs: the next harvest into it takes the lock over",
+                "unknown": "on another machine, which cannot be checked from here: if that harvest is gone, "
+                           "re-run it with --break-lock"}
 
 
 @click.group("cache")
@@ -24,6 +29,10 @@ def info(path):
     keep = {k: v for k, v in cache.attrs.items() if k not in ("statistics",)}
     keep["mean_norm"] = {h: s["mean_norm"] for h, s in cache.attrs.get("statistics", {}).items()}
     click.echo(json.dumps(keep, indent=2))
+    state, holder = lock_state(path)
+    if state != "none":
+        click.echo(f"writer lock: pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')} "
+                   f"({_LOCK_STATES[state]})")
 
 
 @command.command("verify")

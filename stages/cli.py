@@ -19,6 +19,8 @@ COMMANDS = {
     # analysis of a trained SAE
     "features": "features", "max-examples": "max_examples", "steer": "steer", "attribute": "attribute",
     "dashboard": "dashboard",
+    # measuring against SAELens
+    "bench": "bench",
 }
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from pipeline.errors import CacheError
 from tests.conftest import write_synthetic_cache
 
 HOOK = "blocks.0.hook_resid_post"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _data(n_seqs=12, ctx=8, d_in=6, seed=0, scale=3.0):
@@ -167,37 +171,109 @@ def test_reading_a_damaged_chunk_for_training_stops_with_the_report(tmp_path):
         list(loader.batches(40))
 
 
-def test_a_second_writer_is_refused_naming_the_first(tmp_path):
-    import os
+# A process that takes the writer lock of argv[1], says so, and holds it until its stdin closes.
+_CONTENDER = """
+import sys
+from pipeline.cache import writer_lock
+from pipeline.errors import CacheError
+try:
+    with writer_lock(sys.argv[1]):
+        print("won", flush=True)
+        sys.stdin.readline()
+except CacheError as err:
+    print("refused", err, flush=True)
+"""
+
+
+def _contender(path):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", _CONTENDER, str(path)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def _outcome(contender) -> str:
+    """``won`` or ``refused``: the first such line it prints (a winner may print a note first)."""
+    for line in contender.stdout:
+        if line.startswith(("won", "refused")):
+            return line.split()[0]
+    return "exited"
+
+
+def test_a_second_writer_is_refused_naming_the_first_even_with_break_lock(tmp_path):
     import socket
 
-    from pipeline.cache import writer_lock
+    from pipeline.cache import lock_state, writer_lock
+    from pipeline.config import HarvestConfig
+    from pipeline.harvest import harvest
 
+    holder = _contender(tmp_path / "c")
+    try:
+        assert _outcome(holder) == "won"
+        assert lock_state(tmp_path / "c") == ("running", {**lock_state(tmp_path / "c")[1], "pid": holder.pid,
+                                                          "host": socket.gethostname()})
+        for break_lock in (False, True):  # a held flock is a live writer: never taken over
+            with pytest.raises(CacheError, match=rf"being written by pid {holder.pid} on {socket.gethostname()}"
+                                                 r".*held by a running process"):
+                with writer_lock(tmp_path / "c", break_lock=break_lock):
+                    pass
+        # the harvest itself is refused before it loads anything or touches the folder
+        with pytest.raises(CacheError, match=rf"pid {holder.pid}"):
+            harvest(HarvestConfig(output_path=str(tmp_path / "c"), break_lock=True))
+        assert not (tmp_path / "c").exists()
+    finally:
+        holder.communicate("")
+    assert holder.returncode == 0 and not (tmp_path / "c.lock").exists()
+
+
+def test_a_killed_writers_lock_is_detected_as_stale_and_taken_over(tmp_path, capsys):
+    import signal
+
+    from pipeline.cache import lock_state, writer_lock
+
+    holder = _contender(tmp_path / "c")
+    assert _outcome(holder) == "won"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    state, who = lock_state(tmp_path / "c")
+    assert (state, who["pid"]) == ("stale", holder.pid)  # the file is still there, its flock died with it
     with writer_lock(tmp_path / "c"):
-        with pytest.raises(CacheError, match=rf"being written by pid {os.getpid()} on {socket.gethostname()}.*--break-lock"):
-            with writer_lock(tmp_path / "c"):
-                pass
-        with writer_lock(tmp_path / "c", break_lock=True):  # explicit take-over
+        assert lock_state(tmp_path / "c")[1]["pid"] == os.getpid()
+    assert f"taking over the lock of pid {holder.pid}" in capsys.readouterr().out
+    assert lock_state(tmp_path / "c") == ("none", {})
+
+
+def test_a_lock_from_another_host_is_refused_unless_broken_explicitly(tmp_path, capsys):
+    from pipeline.cache import lock_state, writer_lock
+
+    (tmp_path / "c.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "x"}))
+    assert lock_state(tmp_path / "c")[0] == "unknown"
+    with pytest.raises(CacheError, match="pid 1 on elsewhere.*another machine.*--break-lock"):
+        with writer_lock(tmp_path / "c"):
             pass
-    assert not (tmp_path / "c.lock").exists()
+    with writer_lock(tmp_path / "c", break_lock=True):
+        assert lock_state(tmp_path / "c")[0] == "running"
+    assert "taking over the lock of pid 1 on elsewhere, as asked" in capsys.readouterr().out
 
 
-def test_a_stale_lock_of_a_dead_process_is_removed(tmp_path, capsys):
+def test_writers_racing_for_one_stale_lock_never_both_win(tmp_path):
+    # a stale lock of this host (a pid that has exited), found by three writers starting together:
+    # under the flock exactly one takes it over and the others are refused while it holds it
     import socket
     import subprocess
     import sys
 
-    from pipeline.cache import writer_lock
-
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (tmp_path / "c.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "started": "x"}))
-    with writer_lock(tmp_path / "c"):
-        assert json.loads((tmp_path / "c.lock").read_text())["pid"] != int(dead.stdout)
-    assert "no longer runs" in capsys.readouterr().out
-    (tmp_path / "c.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "x"}))
-    with pytest.raises(CacheError, match="on elsewhere"):
-        with writer_lock(tmp_path / "c"):
-            pass
+    (tmp_path / "c.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout),
+                                                 "started": "x"}))
+    contenders = [_contender(tmp_path / "c") for _ in range(3)]
+    try:
+        outcomes = [_outcome(c) for c in contenders]
+        assert sorted(outcomes) == ["refused"] * 2 + ["won"], outcomes
+    finally:
+        for c in contenders:
+            c.communicate("")
 
 
 def test_training_on_a_cache_still_being_written_names_the_writer(tmp_path):
@@ -222,3 +298,156 @@ def test_a_cache_of_another_format_version_is_refused_with_the_fix(tmp_path):
     (tmp_path / "c" / "zarr.json").write_text(json.dumps(meta))
     with pytest.raises(CacheError, match="format version 1.*re-harvest.*--overwrite"):
         ActivationCache.open(tmp_path / "c")
+
+
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("n_seqs, chunks_per_shard, first_chunk, n_ranges", [
+    (21, 2, 0, 2),   # 11 chunks (the last one short), 6 shards (the last one short)
+    (21, 3, 0, 8),   # more ranges asked for than there are shards
+    (21, 3, 4, 2),   # resuming inside shard 1
+    (32, 4, 0, 3),   # shards that do not split evenly
+])
+def test_shard_ranges_never_share_a_shard_file(tmp_path, n_seqs, chunks_per_shard, first_chunk, n_ranges):
+    """Each range's chunks are written alone into an empty cache and the files zarr creates are
+    collected: no file may be written by two ranges, and together they cover the chunks to do."""
+    acts, tokens = _data(n_seqs=n_seqs)  # 8 tokens per sequence, 2 sequences per 16-row chunk
+    writer = CacheWriter.create_or_resume(tmp_path / "c", metadata={}, d_in={HOOK: 6}, tokens=tokens,
+                                          dtype="float32", chunk_tokens=16, chunks_per_shard=chunks_per_shard,
+                                          n_holdout_chunks=1)
+    layout = writer.layout
+    ranges = layout.shard_ranges(first_chunk, n_ranges)
+    assert [c for a, b in ranges for c in range(a, b)] == list(range(first_chunk, layout.n_chunks))
+    assert len(ranges) == min(n_ranges, -(-layout.n_chunks // chunks_per_shard) - first_chunk // chunks_per_shard)
+    owner: dict[str, int] = {}
+    for r, (a, b) in enumerate(ranges):
+        before = _files(tmp_path / "c" / HOOK)
+        for i in range(a, b):
+            s, e = layout.chunk_rows(i)
+            writer.write_chunk_data(i, {HOOK: acts[s:e]})
+        after = _files(tmp_path / "c" / HOOK)
+        written = {name for name, data in after.items() if before.get(name) != data}
+        assert written, (a, b)
+        for name in written:
+            assert name not in owner, f"shard file {name} written by ranges {owner[name]} and {r}"
+            owner[name] = r
+    stored = np.asarray(writer.group[HOOK][:])
+    first_row = layout.chunk_rows(first_chunk)[0]
+    assert np.array_equal(stored[first_row:], acts[first_row:])
+
+
+def test_chunks_recorded_out_of_order_count_once_the_gap_is_filled(tmp_path):
+    from pipeline.cache import chunk_checksum
+
+    acts, tokens = _data(n_seqs=12)
+    writer = CacheWriter.create_or_resume(tmp_path / "c", metadata={}, d_in={HOOK: 6}, tokens=tokens, dtype="float32",
+                                          chunk_tokens=16, chunks_per_shard=2, n_holdout_chunks=1)
+    crcs = {}
+    for i in range(writer.layout.n_chunks):
+        s, e = writer.layout.chunk_rows(i)
+        crcs[i] = writer.write_chunk_data(i, {HOOK: acts[s:e]})
+        assert crcs[i] == {HOOK: chunk_checksum(acts[s:e])}
+    writer.record_chunks({i: crcs[i] for i in (4, 5)})  # the last shard's range returned first
+    assert ActivationCache.open(tmp_path / "c", require_complete=False).n_chunks_written == 0
+    writer.record_chunks({i: crcs[i] for i in (0, 1)})
+    assert ActivationCache.open(tmp_path / "c", require_complete=False).n_chunks_written == 2
+    writer.record_chunks({i: crcs[i] for i in (2, 3)})
+    cache = writer.finalize({HOOK: {"mean": [0.0] * 6, "mean_norm": 1.0}})
+    assert cache.complete and verify(cache, progress=False) == {}
+
+
+@pytest.mark.parametrize("code, fix", [(errno.EROFS, "the filesystem is read-only: make it writable"),
+                                       (errno.EACCES, "make the folder writable for this user")])
+def test_an_unwritable_output_stops_with_the_fix_and_leaves_nothing_half_made(tmp_path, monkeypatch, code, fix):
+    import zarr.storage._local as local
+
+    from pipeline.cache import building_path
+    from pipeline.errors import CacheWriteError
+
+    def refuse(path, value, exclusive=False):
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(local, "_put", refuse)
+    acts, tokens = _data()
+    with pytest.raises(CacheWriteError, match=rf"cannot write the empty arrays of the cache at '{tmp_path / 'c'}': "
+                                              rf"{os.strerror(code)} \({errno.errorcode[code]} at .*Fix: {fix}"):
+        write_synthetic_cache(tmp_path / "c", acts, tokens, chunk_tokens=16)
+    assert not (tmp_path / "c").exists() and not building_path(tmp_path / "c").exists()
+
+
+def test_a_lock_that_cannot_be_created_is_a_write_error_naming_the_path(tmp_path):
+    from pipeline.cache import writer_lock
+    from pipeline.errors import CacheWriteError
+
+    (tmp_path / "afile").write_text("x")  # the cache's parent folder is a file: nothing can be created in it
+    cache = tmp_path / "afile" / "c"
+    with pytest.raises(CacheWriteError, match=rf"cannot write the writer lock of the cache at '{cache}'"):
+        with writer_lock(cache):
+            pass
+
+
+def test_cache_info_shows_a_stale_lock_and_its_writer(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from click.testing import CliRunner
+
+    from stages.cli import cli
+
+    acts, tokens = _data()
+    write_synthetic_cache(tmp_path / "c", acts, tokens, chunk_tokens=16, stop_after_chunks=2)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "c.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout),
+                                                 "started": "2026-01-02 03:04:05"}))
+    out = CliRunner().invoke(cli, ["cache", "info", str(tmp_path / "c")])
+    assert out.exit_code == 0, out.output
+    assert (f"writer lock: pid {int(dead.stdout)} on {socket.gethostname()} since 2026-01-02 03:04:05 (its writer "
+            "no longer runs: the next harvest into it takes the lock over)") in out.output
+
+
+@pytest.mark.parametrize("compression", ["lz4", "zstd", "none"])
+def test_each_compression_round_trips_and_records_crc32c_checksums(tmp_path, compression):
+    import google_crc32c
+
+    from pipeline.cache import CacheWriter
+
+    rng = np.random.default_rng(3)
+    acts = rng.normal(size=(256, 8)).astype(np.float32)
+    tokens = np.arange(256, dtype=np.int32).reshape(8, 32)
+    meta = {"model_name": "synthetic", "hook_names": [HOOK]}
+    writer = CacheWriter.create_or_resume(tmp_path / "c", metadata=meta, d_in={HOOK: 8}, tokens=tokens,
+                                          dtype="float32", chunk_tokens=64, chunks_per_shard=2, n_holdout_chunks=1,
+                                          compression=compression)
+    for i in range(4):
+        writer.write_chunk(i, {HOOK: acts[i * 64:(i + 1) * 64]})
+    cache = writer.finalize({HOOK: {"mean": [0.0] * 8, "mean_norm": 1.0}})
+    assert cache.attrs["compression"] == compression and cache.checksum_algorithm == "crc32c"
+    np.testing.assert_array_equal(cache.array(HOOK)[:], acts)
+    for i in range(4):  # CRC-32C of each chunk's raw little-endian bytes, computed here independently
+        assert cache.recorded_checksum(HOOK, i) == google_crc32c.value(acts[i * 64:(i + 1) * 64].tobytes())
+    assert verify(cache, progress=False) == {}
+
+
+def test_a_format_2_cache_is_still_read_and_verified_with_crc32(tmp_path):
+    import zlib
+
+    import zarr
+
+    acts = np.random.default_rng(4).normal(size=(256, 8)).astype(np.float32)
+    cache = write_synthetic_cache(tmp_path / "c", acts, np.zeros((8, 32), np.int32))
+    group = zarr.open_group(str(tmp_path / "c"), mode="r+")  # what sae-pipeline wrote before format 3
+    group.attrs["format_version"] = 2
+    group[f"checksums/{HOOK}"][:] = [zlib.crc32(acts[i * 64:(i + 1) * 64].tobytes()) for i in range(4)]
+    old = ActivationCache.open(tmp_path / "c")
+    assert old.checksum_algorithm == "crc32" and verify(old, progress=False) == {}
+    np.testing.assert_array_equal(old.read_chunk(HOOK, 2, verify=True).numpy(), acts[128:192])
+
+
+def test_an_unknown_compression_is_refused_naming_the_choices(tmp_path):
+    from pipeline.cache import activation_compressor
+
+    with pytest.raises(CacheError, match="lz4, zstd, none.*'gzip'"):
+        activation_compressor("gzip")

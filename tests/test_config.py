@@ -164,3 +164,17 @@ def test_every_saelens_6_runner_field_is_known_here():
 
     ours = {f.name for f in dataclasses.fields(TrainConfig)} | set(TrainConfig._ignored_fields()) | {"sae", "logger"}
     assert [f.name for f in dataclasses.fields(LanguageModelSAERunnerConfig) if f.name not in ours] == []
+
+
+def test_autocast_is_a_training_setting_and_compression_a_checked_harvest_choice():
+    import warnings
+
+    from pipeline.config import HarvestConfig, TrainConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # SAELens's autocast is honoured, so no "ignored field" warning
+        assert TrainConfig.from_dict({"autocast": True}).autocast is True
+    base = {"hook_names": ["blocks.0.hook_resid_post"]}
+    assert HarvestConfig.from_dict({**base, "compression": "zstd"}).compression == "zstd"
+    with pytest.raises(ConfigError, match="compression must be one of lz4, zstd, none"):
+        HarvestConfig.from_dict({**base, "compression": "lzma"})

@@ -1,11 +1,15 @@
-"""Sweeps on a Dask cluster: each fused group is a task on a two-worker LocalCluster, the points land
-in the same folders as a local run with bit-identical weights, and a bad scheduler is refused."""
+"""Dask clusters: each fused group of a sweep is a task on a two-worker LocalCluster, the points land
+in the same folders as a local run with bit-identical weights, and a bad scheduler is refused; a
+harvest split into shard ranges over two worker processes stores the same cache as one process."""
 
 from __future__ import annotations
 
+import importlib
 import json
 
+import numpy as np
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from pipeline.errors import ConfigError
@@ -70,3 +74,71 @@ def test_an_unreachable_scheduler_is_refused_naming_the_address(tmp_path):
     with pytest.raises(ConfigError, match=r"cannot reach the Dask scheduler at 'nonsense'.*--scheduler local"):
         run_sweep(sweep, progress=False, scheduler="nonsense")
     assert not (sweep.folder(sweep.points[0]) / POINT_FILENAME).exists()
+
+
+# ------------------------------------------------------------------------------------- harvests
+HOOKS = ["blocks.2.hook_resid_post", "blocks.5.hook_resid_post"]
+
+
+def _harvest_fields(shared_data):
+    """A tiny real harvest: 2,048 Tiny Shakespeare tokens through SmolLM2-135M, 16 chunks of 128
+    rows, 2 chunks per shard file (8 shards), forward batches of 3 sequences."""
+    return {"model_name": "smollm2-135m", "hook_names": HOOKS, "n_tokens": 2048, "context_size": 32,
+            "dataset_path": str(shared_data / "tinyshakespeare" / "input.txt"), "holdout_tokens": 256,
+            "chunk_tokens": 128, "chunks_per_shard": 2, "store_batch_size_prompts": 3}
+
+
+def _harvest_cfg(shared_data, out):
+    from pipeline.config import HarvestConfig
+
+    return HarvestConfig.from_dict({**_harvest_fields(shared_data), "output_path": str(out)})
+
+
+def assert_same_cache(a, b):
+    """Every hook's array value by value, every token id, every chunk checksum and every attribute."""
+    from pipeline.bench.reliability import cache_content
+
+    ca, cb = cache_content(a), cache_content(b)
+    assert ca.keys() == cb.keys()
+    for key in ca:
+        if key == "attrs":
+            assert json.loads(ca[key]) == json.loads(cb[key])
+        else:
+            assert ca[key].dtype == cb[key].dtype and np.array_equal(ca[key], cb[key]), key
+
+
+@pytest.mark.slow
+def test_a_harvest_split_over_two_workers_equals_a_single_process_harvest(smollm2, shared_data, tmp_path, monkeypatch):
+    from pipeline.cache import ActivationCache, CacheWriter
+    from pipeline.harvest import harvest
+
+    harvest(_harvest_cfg(shared_data, tmp_path / "local"), model=smollm2)
+    # a local harvest stopped after chunk 2, in the middle of shard 1, to be finished by the cluster
+    original = CacheWriter.write_chunk
+
+    def stops_at_three(self, i, blocks):
+        if i == 3:
+            raise KeyboardInterrupt
+        original(self, i, blocks)
+
+    monkeypatch.setattr(CacheWriter, "write_chunk", stops_at_three)
+    with pytest.raises(KeyboardInterrupt):
+        harvest(_harvest_cfg(shared_data, tmp_path / "resumed"), model=smollm2)
+    monkeypatch.undo()
+    assert ActivationCache.open(tmp_path / "resumed", require_complete=False).n_chunks_written == 3
+
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        (tmp_path / "harvest.yaml").write_text(yaml.safe_dump(_harvest_fields(shared_data)))
+        out = CliRunner().invoke(cli, ["harvest", "--config", str(tmp_path / "harvest.yaml"), "--output-path",
+                                       str(tmp_path / "cluster"), "--scheduler", cluster.scheduler_address])
+        assert out.exit_code == 0, out.output
+        assert "as 8 shard ranges" in out.output
+        resumed = harvest(_harvest_cfg(shared_data, tmp_path / "resumed"), model=smollm2,
+                          scheduler=cluster.scheduler_address)
+        # both worker processes harvested ranges (each loaded the model once, for its first range)
+        loaded = client.run(lambda: bool(importlib.import_module("pipeline.distributed")._WORKER_MODEL))
+    assert sorted(loaded.values()) == [True, True]
+    assert resumed.n_tokens_harvested == 2048 - 3 * 128
+    assert_same_cache(tmp_path / "local", tmp_path / "cluster")
+    assert_same_cache(tmp_path / "local", tmp_path / "resumed")

@@ -87,8 +87,75 @@ def test_float16_overflow_is_reported_not_stored(smollm2, shared_data, tmp_path)
     hook = HOOKS[0]
     smollm2.hook_dict[hook].add_hook(blow_up)
     try:
-        with pytest.raises(CacheError, match=rf"{hook}.*float16 overflows.*bfloat16"):
+        with pytest.raises(CacheError, match=rf"{hook}.*float16 overflows.*bfloat16") as err:
             harvest(_cfg(shared_data, tmp_path / "o"), model=smollm2)
     finally:
         smollm2.reset_hooks()
-    assert ActivationCache.open(tmp_path / "o", require_complete=False).n_chunks_written == 0
+    cache = ActivationCache.open(tmp_path / "o", require_complete=False)
+    assert cache.n_chunks_written == 0
+    # the max reported is that of the first forward batch (3 sequences), recomputed without the hook
+    tokens = torch.from_numpy(np.asarray(cache.tokens[0:3]).astype(np.int64))
+    _, ref = smollm2.run_with_cache(tokens, names_filter=[hook])
+    assert f"max |activation| {ref[hook].abs().max().item() * 1e5:.4g})" in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def whole_harvest(smollm2, shared_data, tmp_path_factory):
+    """The uninterrupted reference harvest of ``_cfg`` (6 chunks of 128 rows, 2 per shard)."""
+    out = tmp_path_factory.mktemp("whole") / "h"
+    harvest(_cfg(shared_data, out), model=smollm2)
+    return out
+
+
+@pytest.mark.parametrize("fails_at, after, what, kept", [
+    ("creation", 0, "the empty arrays", None),               # the first file of the new cache
+    ("creation", 8, "the empty arrays", None),               # the metadata of the second hook's arrays
+    ("chunk", 0, "chunk 2", 2),                               # chunk 2's first shard write
+    ("chunk", 2, "the checksums of chunk(s) [2]", 2),         # chunk 2's data is down, its checksums not
+    ("chunk", 4, "the checksums of chunk(s) [2]", 2),         # all of chunk 2 but the progress attribute
+    ("finalize", 0, "the statistics and completion marker", 6),  # every chunk down
+])
+def test_a_full_disk_stops_the_harvest_with_the_fix_and_a_rerun_finishes_it(
+        smollm2, shared_data, tmp_path, monkeypatch, whole_harvest, fails_at, after, what, kept):
+    from pipeline.bench.reliability import FullDisk, cache_content, same_content
+    from pipeline.cache import lock_path, verify
+    from pipeline.errors import CacheWriteError
+
+    disk = FullDisk()
+    write_chunk, finalize = CacheWriter.write_chunk, CacheWriter.finalize
+
+    def fill_at_chunk_2(self, i, blocks):
+        if i == 2:
+            disk.arm(after)
+        write_chunk(self, i, blocks)
+
+    def fill_at_finalize(self, *args, **kwargs):
+        disk.arm(after)
+        return finalize(self, *args, **kwargs)
+
+    if fails_at == "creation":
+        disk.arm(after)
+    monkeypatch.setattr(CacheWriter, "write_chunk", fill_at_chunk_2 if fails_at == "chunk" else write_chunk)
+    monkeypatch.setattr(CacheWriter, "finalize", fill_at_finalize if fails_at == "finalize" else finalize)
+    out = tmp_path / "h"
+    with disk, pytest.raises(CacheWriteError) as err:
+        harvest(_cfg(shared_data, out), model=smollm2)
+    message = str(err.value)
+    assert f"cannot write {what} of the cache at {str(out)!r}: No space left on device (ENOSPC at {out}" in message
+    assert "free on that filesystem" in message and "Fix: free space on that filesystem" in message
+    assert message.endswith("then re-run the same command to resume.")
+    assert not lock_path(out).exists() and not list(out.rglob("*.partial"))
+    if kept is None:  # nothing half-made at output_path for the re-run to refuse (a remnant of
+        assert not out.exists()  # <output_path>.creating, zarr's late metadata writes, the re-run clears)
+    else:
+        assert disk.refused == 1  # the cache's writes are one file at a time: none was in flight
+        assert f"The {kept} chunk(s) recorded before are on disk with their checksums and are kept" in message
+        assert f"Resuming starts at chunk {kept}." in message
+        left = ActivationCache.open(out, require_complete=False)
+        assert left.n_chunks_written == kept and not left.complete and verify(left, progress=False) == {}
+        with pytest.raises(CacheError, match="interrupted"):
+            ActivationCache.open(out)
+    monkeypatch.undo()  # (the disk was freed when the with-block ended)
+    resumed = harvest(_cfg(shared_data, out), model=smollm2)
+    assert resumed.n_tokens_harvested == 768 - 128 * (kept or 0)
+    assert same_content(cache_content(out), cache_content(whole_harvest))

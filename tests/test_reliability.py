@@ -1,4 +1,4 @@
-"""SIGKILL trials (issue 7, faults 1–2) with the harness of ``pipeline.bench.reliability``, plus a
+"""SIGKILL and disk-full trials (issue 7) with the harness of ``pipeline.bench.reliability``, plus a
 check that the committed RELIABILITY.md reports enough trials and nothing lost."""
 
 import random
@@ -23,6 +23,15 @@ def test_killed_harvest_and_training_resume_to_identical_results(shared_data, tm
         assert t.resumed_identical, t
 
 
+@pytest.mark.slow
+def test_a_harvest_whose_disk_fills_at_random_writes_resumes_to_an_identical_cache(shared_data, tmp_path, smollm2):
+    trials = reliability.run_disk_full_trials(2, tmp_path, shared_data, random.Random(3), n_tokens=4096, model=smollm2)
+    assert [t.kind for t in trials] == ["disk_full"] * 2
+    for t in trials:
+        assert t.state_at_kill.startswith("stopped: "), t
+        assert t.left_valid and t.resumed_identical, t
+
+
 def test_same_content_sees_a_single_changed_value():
     import numpy as np
 
@@ -36,10 +45,13 @@ def test_same_content_sees_a_single_changed_value():
 
 def test_reliability_md_reports_enough_trials_and_nothing_lost():
     text = (ROOT / "RELIABILITY.md").read_text()
-    rows = re.findall(r"^\| SIGKILL during (\w+) \| (\d+) \| (\d+) \| (\d+) \|", text, flags=re.M)
-    counts = {kind: (int(n), int(bad), int(diff)) for kind, n, bad, diff in rows}
-    assert counts["harvest"][0] >= 20 and counts["train"][0] >= 5
+    faults = "|".join(re.escape(name) for name in reliability.FAULTS.values())
+    rows = re.findall(rf"^\| ({faults}) \| (\d+) \| (\d+) \| (\d+) \|", text, flags=re.M)
+    counts = {fault: (int(n), int(bad), int(diff)) for fault, n, bad, diff in rows}
+    assert counts["SIGKILL during harvest"][0] >= 20 and counts["SIGKILL during train"][0] >= 5
+    assert counts["disk full during harvest"][0] >= 10
     assert all(bad == 0 and diff == 0 for _, bad, diff in counts.values())
-    per_trial = re.findall(r"^\| \d+ \| (harvest|train) \| [\d.]+ \| [^|]+ \| (True|False) \| (True|False) \|$", text, flags=re.M)
+    per_trial = re.findall(r"^\| \d+ \| (harvest|train|disk_full) \| (?:[\d.]+ s|write \d+ of \d+) \| [^|]+ \| "
+                           r"(True|False) \| (True|False) \|$", text, flags=re.M)
     assert len(per_trial) == sum(n for n, _, _ in counts.values())
     assert all(valid == "True" and same == "True" for _, valid, same in per_trial)

@@ -39,9 +39,11 @@ def low_rank_cache(path, n_seqs=64, ctx=32, d_in=16, rank=4):
 
 
 def write_sweep(tmp_path, cache_path, *, name="s", grid=None, points=None, evaluate=None, **base):
-    """A sweep file over ``SMALL`` (plus ``base``) writing to ``tmp_path/sweeps/<name>``; its path."""
+    """A sweep file over ``SMALL`` (plus ``base``; a field given as None is left out) writing to
+    ``tmp_path/sweeps/<name>``; its path."""
+    fields = {"cache_path": str(cache_path), **SMALL, **base}
     data = {"output_path": str(tmp_path / "sweeps" / name),
-            "base": {"cache_path": str(cache_path), **SMALL, **base}}
+            "base": {k: v for k, v in fields.items() if v is not None}}
     for key, value in (("grid", grid), ("points", points), ("evaluate", evaluate)):
         if value is not None:
             data[key] = value
@@ -215,7 +217,7 @@ def test_a_nan_point_fails_alone_and_leaves_no_sae(tmp_path, capsys):
     assert bad.id.startswith("topk-lr1e_30-")
     result = run_sweep(sweep, progress=False)
     assert result.trained == [good.id] and list(result.failed) == [bad.id]
-    assert re.match(r"loss became (inf|nan) at step 1 ", result.failed[bad.id])
+    assert re.match(r"loss became (inf|nan) at step 1: ", result.failed[bad.id])
     assert f"FAILED {bad.id}: loss became" in capsys.readouterr().out
     bad_folder = sweep.folder(bad)
     assert not (bad_folder / SAE_CFG_FILENAME).exists() and not (bad_folder / SAE_WEIGHTS_FILENAME).exists()
@@ -226,6 +228,65 @@ def test_a_nan_point_fails_alone_and_leaves_no_sae(tmp_path, capsys):
     # a rerun retries the failed point and skips the finished one
     again = run_sweep(load_sweep(path), progress=False)
     assert again.skipped == [good.id] and list(again.failed) == [bad.id]
+
+
+@pytest.mark.parametrize("fault, fails_at, kept", [
+    ("before", 12, 10),  # W_dec poisoned before step 12: its loss is NaN
+    ("after", 15, 10),   # the update of step 15 leaves a NaN: checkpoint step_15 must not be written
+])
+def test_a_nan_in_one_sae_of_a_fused_group_keeps_its_last_checkpoint_and_the_others_finish(
+        tmp_path, monkeypatch, fault, fails_at, kept):
+    from pipeline.checkpoint import list_checkpoints, load_checkpoint_state
+    from pipeline.report import evaluate_points
+    from pipeline.training import Trainer
+
+    real_step = Trainer.step
+
+    def poison(trainer, when):  # only the SAE with l1_coefficient 1 is hit, at the chosen moment
+        if trainer.cfg.l1_coefficient == 1 and fault == when and trainer.state.step == fails_at:
+            with torch.no_grad():
+                trainer.sae.W_dec[0, 0] = float("nan")
+
+    def poisoned_step(self, x):
+        poison(self, "before")
+        metrics = real_step(self, x)
+        poison(self, "after")
+        return metrics
+
+    monkeypatch.setattr(Trainer, "step", poisoned_step)
+    cache = low_rank_cache(tmp_path / "cache")
+    sweep = load_sweep(write_sweep(tmp_path, cache.path, grid={"l1_coefficient": [0.5, 1, 2]}, architecture="standard",
+                                   k=None, n_checkpoints=4, log_every=1))
+    ok_a, bad, ok_b = sweep.points
+    result = run_sweep(sweep, progress=False)
+    assert len(result.groups) == 1 and sorted(result.trained) == sorted([ok_a.id, ok_b.id])
+    folder, error = sweep.folder(bad), result.failed[bad.id]
+    assert read_point_record(folder)["status"] == "failed" and read_point_record(folder)["error"] == error
+    cause = "loss became nan" if fault == "before" else r"the parameters became NaN/Inf \(not saved\)"
+    assert re.match(rf"^{cause} at step {fails_at}: ", error), error
+    assert "W_dec: 1 of 512 values NaN/Inf (1 NaN, 0 Inf)" in error
+    assert f"Its last checkpoint, {folder / 'checkpoints' / f'step_{kept:09d}'}, is kept." in error
+    # the others finished and are evaluated; the failed point has no SAE, only its good checkpoints
+    assert evaluate_points(sweep.output_path, ce_loss=False) == [ok_a.id, ok_b.id]
+    for point in (ok_a, ok_b):
+        assert json.loads((sweep.folder(point) / "metrics.json").read_text())["explained_variance"] > 0
+    assert not (folder / SAE_CFG_FILENAME).exists()
+    steps_kept = [int(c.name.removeprefix("step_")) for c in list_checkpoints(folder / "checkpoints")]
+    assert steps_kept == list(range(5, kept + 1, 5))
+    # the kept checkpoint loads and is exactly the state the same SAE reaches trained alone, unpoisoned
+    monkeypatch.undo()
+    train(replace(bad.cfg, output_path=str(tmp_path / "alone"), overwrite=False, run_name=None), progress=False)
+    ours, alone = (f / "checkpoints" / f"step_{kept:09d}" for f in (folder, tmp_path / "alone"))
+    saved, clean = load_checkpoint_state(ours), load_checkpoint_state(alone)
+    assert saved["sae"].keys() == clean["sae"].keys()
+    assert all(torch.equal(saved["sae"][k], clean["sae"][k]) for k in clean["sae"])
+    assert saved["trainer"]["step"] == clean["trainer"]["step"] == kept
+    assert weights(ours).keys() == weights(alone).keys()
+    assert all(torch.equal(weights(ours)[k], weights(alone)[k]) for k in weights(alone))
+    # the last finite loss named is the one the SAE logged for the step before the fault
+    log = (tmp_path / "alone" / METRICS_LOG_FILENAME).read_text().splitlines()
+    logged = {r["step"]: r["loss"] for r in map(json.loads, log)}
+    assert f"last finite loss {logged[fails_at]:.6g} at step {fails_at - 1}." in error
 
 
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),

@@ -96,16 +96,97 @@ def test_train_refuses_d_in_mismatch_and_non_empty_output(tmp_path):
     assert cache.path.joinpath("zarr.json").exists()
 
 
-def test_nan_loss_stops_with_the_step():
+def _tiny_trainer(architecture="standard"):
     from pipeline.sae import SAEConfig, get_architecture
 
-    sae = get_architecture("standard")(SAEConfig(architecture="standard", d_in=4, d_sae=8))
-    trainer = Trainer(sae, TrainConfig(architecture="standard", d_sae=8, training_tokens=8,
-                                       train_batch_size_tokens=4, shuffle_buffer_tokens=8))
-    x = torch.ones(4, 4)
-    x[0, 0] = float("nan")
-    with pytest.raises(TrainingError, match="at step 0"):
+    torch.manual_seed(0)
+    k = 2 if architecture == "topk" else None
+    sae = get_architecture(architecture)(SAEConfig(architecture=architecture, d_in=4, d_sae=8, k=k))
+    return Trainer(sae, TrainConfig(architecture=architecture, d_sae=8, k=2, training_tokens=40,
+                                    train_batch_size_tokens=4, shuffle_buffer_tokens=8))
+
+
+def _params(trainer):
+    return {name: p.detach().clone() for name, p in trainer.sae.named_parameters()}
+
+
+def test_nan_and_inf_in_a_batch_stop_naming_the_tensor_the_counts_and_the_last_finite_loss():
+    trainer = _tiny_trainer()
+    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(1))
+    losses = [trainer.step(x)["loss"] for _ in range(3)]
+    before = _params(trainer)
+    bad = x.clone()
+    bad[0, 0], bad[1, 2], bad[3, 3] = float("nan"), float("nan"), float("-inf")
+    with pytest.raises(TrainingError) as err:
+        trainer.step(bad)
+    assert str(err.value).startswith("the input batch holds NaN/Inf at step 3: the input batch: 3 of 16 values "
+                                     "NaN/Inf (2 NaN, 1 Inf);")
+    assert f"max finite |x| {x.abs().flatten()[torch.isfinite(bad).flatten()].max().item():.4g}" in str(err.value)
+    assert f"last finite loss {losses[-1]:.6g} at step 2. No checkpoint was written before it." in str(err.value)
+    after = _params(trainer)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the optimiser never saw the batch
+    assert trainer.state.step == 3
+
+
+def test_a_poisoned_parameter_is_named_when_the_loss_becomes_nan():
+    trainer = _tiny_trainer()
+    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(1))
+    first = trainer.step(x)["loss"]
+    with torch.no_grad():
+        trainer.sae.W_dec[2, 1] = float("nan")
+    with pytest.raises(TrainingError, match=r"^loss became nan at step 1: .*W_dec: 1 of 32 values NaN/Inf \(1 NaN, "
+                                            rf"0 Inf\).*last finite loss {first:.6g} at step 0\."):
         trainer.step(x)
+
+
+def test_a_nan_gradient_stops_before_clipping_or_the_optimiser_spread_it():
+    trainer = _tiny_trainer()
+    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(1))
+    trainer.step(x)
+    before = _params(trainer)
+    poison = torch.zeros(4, 8)
+    poison[0, 3] = float("inf")
+    handle = trainer.sae.W_enc.register_hook(lambda grad: grad + poison)  # the loss stays finite
+    try:
+        with pytest.raises(TrainingError, match=r"^a gradient holds NaN/Inf at step 1: W_enc.grad: 1 of 32 values "
+                                                r"NaN/Inf \(0 NaN, 1 Inf\); max finite"):
+            trainer.step(x)
+    finally:
+        handle.remove()
+    assert all(torch.equal(before[k], p.detach()) for k, p in trainer.sae.named_parameters())
+
+
+def test_a_nan_state_is_never_saved_as_a_checkpoint(tmp_path, monkeypatch):
+    from pipeline.checkpoint import list_checkpoints, load_checkpoint_state
+
+    cache, _ = _low_rank_cache(tmp_path)
+    real_step = Trainer.step
+
+    def overflow_in_step_30(self, x):  # the update that ends step 30 leaves a NaN in W_dec
+        metrics = real_step(self, x)
+        if self.state.step == 30:
+            with torch.no_grad():
+                self.sae.W_dec[0, 0] = float("nan")
+        return metrics
+
+    monkeypatch.setattr(Trainer, "step", overflow_in_step_30)
+    cfg = _small_cfg(cache, tmp_path, "run", n_checkpoints=4)  # checkpoints at steps 10, 20, 30, 40
+    with pytest.raises(TrainingError, match=r"^the parameters became NaN/Inf \(not saved\) at step 30: W_dec: 1 of "
+                                            r"512 values NaN/Inf.*Its last checkpoint, .*step_000000020, is kept"):
+        train(cfg, progress=False)
+    found = list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [p.name for p in found] == ["step_000000010", "step_000000020"]
+    assert not (tmp_path / "run" / SAE_CFG_FILENAME).exists()
+    state = load_checkpoint_state(found[-1])
+    assert all(torch.isfinite(t).all() for t in state["sae"].values())
+    # the kept checkpoint is the state an unpoisoned run had at step 20
+    monkeypatch.undo()
+    train(_small_cfg(cache, tmp_path, "clean", n_checkpoints=4), progress=False)
+    clean = load_checkpoint_state(tmp_path / "clean" / "checkpoints" / "step_000000020")
+    assert state["sae"].keys() == clean["sae"].keys()
+    assert all(torch.equal(state["sae"][k], clean["sae"][k]) for k in clean["sae"])
+    kept, reference = _weights(found[-1]), _weights(tmp_path / "clean" / "checkpoints" / "step_000000020")
+    assert kept.keys() == reference.keys() and all(torch.equal(kept[k], reference[k]) for k in kept)
 
 
 def _small_cfg(cache, tmp_path, name, **kw):

@@ -17,6 +17,15 @@ chunk writes, metadata updates, training steps and checkpoint writes alike), the
   ``--overwrite``), and compares the final ``sae_weights.safetensors`` tensors with an
   uninterrupted run: they must be bit-identical.
 
+* **disk full**: runs the same harvest in this process with the disk "filling up" at a random
+  file write (uniform over every write of an uninterrupted harvest, so it lands while the cache is
+  created, while a chunk's data, its checksums or the progress attribute is written, or while the
+  statistics are recorded): from that write on, zarr's writes fail with ENOSPC after half-writing
+  their temporary file (:class:`FullDisk`). The harvest must stop with a
+  :class:`~pipeline.errors.CacheWriteError` naming the path and ENOSPC, leave no lock and no
+  half-written file in the cache, its folder refused as incomplete (or absent), and a re-run once
+  the space is back must finish a cache identical to the reference.
+
 The harvest uses SmolLM2-135M at ``blocks.0.hook_resid_post`` (the forward pass stops after
 block 0, so a trial takes seconds) on the Tiny Shakespeare text of ``../shared/data``, with small
 chunks so most kills land between or inside chunk writes.
@@ -24,7 +33,9 @@ chunks so most kills land between or inside chunk writes.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
 import shutil
 import signal
@@ -50,12 +61,18 @@ from pipeline.sae import SAE
 HOOK = "blocks.0.hook_resid_post"
 
 
+# The fault each kind of trial injects, as RELIABILITY.md names it.
+FAULTS = {"harvest": "SIGKILL during harvest", "train": "SIGKILL during train",
+          "disk_full": "disk full during harvest"}
+
+
 @dataclass
 class Trial:
-    """One kill: when, what state it left, and whether the resumed result equals the reference."""
+    """One fault: when (``"12.34 s"`` after the start, or ``"write 57 of 131"``), what state it
+    left, and whether the resumed result equals the reference."""
 
     kind: str
-    kill_after_s: float
+    fault_at: str
     state_at_kill: str
     left_valid: bool
     resumed_identical: bool
@@ -161,9 +178,102 @@ def _kill_trials(kind: str, n: int, workdir: Path, rng: random.Random, command, 
                 _run(follow_up)
         else:
             state, valid = "finished before the kill", True
-        trials.append(Trial(kind, delay, state, valid, same(read(out), reference)))
+        trials.append(Trial(kind, f"{delay:.2f} s", state, valid, same(read(out), reference)))
         _clear(out)
     return trials
+
+
+# ----------------------------------------------------------------------------------- disk full
+class FullDisk:
+    """While entered, zarr's file writes count themselves and, once armed, fail with ENOSPC after
+    ``after`` more succeed, the way writes fail on a full disk: the temporary file is half
+    written, then the write raises and zarr's own cleanup removes it (until :meth:`free`).
+    ``writes`` counts the writes that succeeded, ``refused`` those that failed."""
+
+    def __init__(self) -> None:
+        import zarr.storage._local as local
+
+        self._local, self._real_put = local, local._put
+        self.writes, self.refused, self.armed_after = 0, 0, None
+
+    def __enter__(self) -> "FullDisk":
+        self._local._put = self._put
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.free()
+
+    def arm(self, after: int = 0) -> None:
+        """Fill the disk after ``after`` more writes (a second call changes nothing)."""
+        if self.armed_after is None:
+            self.armed_after = after
+
+    def free(self) -> None:
+        self._local._put = self._real_put
+
+    def _put(self, path: Path, value: Any, exclusive: bool = False) -> int:
+        if self.armed_after is None or self.armed_after > 0:
+            self.armed_after = None if self.armed_after is None else self.armed_after - 1
+            self.writes += 1
+            return self._real_put(path, value, exclusive)
+        self.refused += 1
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._local._atomic_write(path, "wb", exclusive=exclusive) as f:
+            f.write(value.as_buffer_like()[: len(value) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def harvest_config(shared_data: Path, out: Path, n_tokens: int):
+    """The HarvestConfig of :func:`harvest_command`, for trials that run the harvest in this process."""
+    from pipeline.config import HarvestConfig
+
+    return HarvestConfig(model_name="smollm2-135m", hook_names=[HOOK], n_tokens=n_tokens, context_size=64,
+                         dataset_path=str(shared_data / "tinyshakespeare" / "input.txt"), holdout_tokens=1024,
+                         chunk_tokens=512, chunks_per_shard=2, output_path=str(out))
+
+
+def run_disk_full_trials(n: int, workdir: Path, shared_data: Path, rng: random.Random, n_tokens: int = 8192,
+                         model: Any = None) -> list[Trial]:
+    """``n`` harvests whose disk fills at a random write, each re-run once the space is back (see the
+    module docstring); one uninterrupted reference harvest is kept at ``workdir/disk_full_reference``."""
+    from pipeline.harvest import harvest
+    from pipeline.models import load_model
+
+    model = model if model is not None else load_model("smollm2-135m")
+    ref_path = workdir / "disk_full_reference"
+    _clear(ref_path)
+    with FullDisk() as counter:
+        harvest(harvest_config(shared_data, ref_path, n_tokens), model=model)
+    reference = cache_content(ref_path)
+    trials = []
+    for t in trange(n, desc="disk-full faults"):
+        out, at = workdir / f"disk_full_trial_{t}", rng.randrange(counter.writes)
+        cfg = harvest_config(shared_data, out, n_tokens)
+        _clear(out)
+        with FullDisk() as disk:
+            disk.arm(after=at)
+            state, valid = _disk_full_outcome(out, reference, lambda: harvest(cfg, model=model))
+        harvest(cfg, model=model)  # the space is back: the same command again
+        trials.append(Trial("disk_full", f"write {at + 1} of {counter.writes}", state, valid,
+                            same_content(cache_content(out), reference)))
+        _clear(out)
+    return trials
+
+
+def _disk_full_outcome(out: Path, reference: dict[str, Any], run) -> tuple[str, bool]:
+    """Run ``run`` on a disk that fills: (state, valid). Valid: it raised a CacheWriteError naming
+    the path and ENOSPC, left no lock nor half-written file in the cache, and the folder is refused
+    as incomplete or absent (:func:`_harvest_state`)."""
+    from pipeline.errors import CacheWriteError
+
+    try:
+        run()
+        return "finished before the disk filled", True
+    except CacheWriteError as err:
+        clear = f"cache at {str(out)!r}" in str(err) and "ENOSPC" in str(err)
+    state, valid = _harvest_state(out, reference)
+    leftovers = lock_path(out).exists() or any(out.rglob("*.partial"))
+    return f"stopped: {state}", valid and clear and not leftovers
 
 
 # --------------------------------------------------------------------------------------- train
@@ -221,9 +331,9 @@ def run_train_trials(n: int, workdir: Path, cache: Path, rng: random.Random) -> 
 # ---------------------------------------------------------------------------------------- report
 def summary_rows(trials: list[Trial]) -> list[dict[str, Any]]:
     rows = []
-    for kind in sorted({t.kind for t in trials}):
+    for kind in [k for k in FAULTS if any(t.kind == k for t in trials)]:
         mine = [t for t in trials if t.kind == kind]
-        rows.append({"fault": f"SIGKILL during {kind}", "trials": len(mine),
+        rows.append({"fault": FAULTS[kind], "trials": len(mine),
                      "left_invalid": sum(not t.left_valid for t in mine),
                      "resumed_different": sum(not t.resumed_identical for t in mine),
                      "states": sorted({t.state_at_kill for t in mine})})
@@ -233,40 +343,49 @@ def summary_rows(trials: list[Trial]) -> list[dict[str, Any]]:
 def markdown(trials: list[Trial], seed: int) -> str:
     lines = ["# Reliability", "",
              "Generated by `python -m pipeline.bench.reliability` (see its docstring for the method); "
-             f"seed {seed}. *Lost* counts trials whose killed folder could be read as finished while "
-             "wrong, or whose resumed result differed from an uninterrupted run. Both must be 0.", "",
-             "| fault | trials | left a folder that reads as valid but is not | resumed result differs | states seen at the kill |",
+             f"seed {seed}. Two counts per fault must be 0: trials whose folder could be read as finished "
+             "while wrong (for a full disk also: the error did not name the path and ENOSPC, or the lock or a "
+             "half-written file was left), and trials whose resumed result differed from an uninterrupted run.",
+             "",
+             "| fault | trials | left a folder that reads as valid but is not | resumed result differs | states seen at the fault |",
              "| --- | ---: | ---: | ---: | --- |"]
     for r in summary_rows(trials):
         lines.append(f"| {r['fault']} | {r['trials']} | {r['left_invalid']} | {r['resumed_different']} | "
                      f"{'; '.join(r['states'])} |")
-    lines += ["", "Every trial:", "", "| # | kind | killed after (s) | state at the kill | valid | resumed identical |",
+    lines += ["", "Every trial:", "", "| # | kind | fault at | state at the fault | valid | resumed identical |",
               "| ---: | --- | ---: | --- | --- | --- |"]
-    lines += [f"| {i} | {t.kind} | {t.kill_after_s:.2f} | {t.state_at_kill} | {t.left_valid} | {t.resumed_identical} |"
+    lines += [f"| {i} | {t.kind} | {t.fault_at} | {t.state_at_kill} | {t.left_valid} | {t.resumed_identical} |"
               for i, t in enumerate(trials)]
     return "\n".join(lines) + "\n"
 
 
 def _clear(path: Path) -> None:
-    """Remove a trial's folder and the stale writer lock a killed harvest leaves beside it."""
+    """Remove a trial's folder, and the stale writer lock and half-made cache a killed harvest may
+    leave beside it."""
+    from pipeline.cache import building_path
+
     shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(building_path(path), ignore_errors=True)
     lock_path(path).unlink(missing_ok=True)
 
 
 @click.command()
 @click.option("--harvest-trials", default=20, show_default=True, type=int)
 @click.option("--train-trials", default=5, show_default=True, type=int)
+@click.option("--disk-full-trials", default=10, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--shared-data", default="../shared/data", show_default=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--workdir", default="data/bench/reliability", show_default=True)
 @click.option("--out", default="RELIABILITY.md", show_default=True)
-def main(harvest_trials: int, train_trials: int, seed: int, shared_data: str, workdir: str, out: str) -> None:
+def main(harvest_trials: int, train_trials: int, disk_full_trials: int, seed: int, shared_data: str, workdir: str,
+         out: str) -> None:
     rng = random.Random(seed)
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     trials = run_harvest_trials(harvest_trials, work, Path(shared_data), rng)
     # the training trials read the reference harvest the harvest trials leave behind
     trials += run_train_trials(train_trials, work, work / "harvest_reference", rng)
+    trials += run_disk_full_trials(disk_full_trials, work, Path(shared_data), rng)
     Path(out).write_text(markdown(trials, seed))
     (work / "reliability.json").write_text(json.dumps([t.__dict__ for t in trials], indent=2))
     for row in summary_rows(trials):

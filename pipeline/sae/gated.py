@@ -11,20 +11,24 @@ Autoencoders", arXiv:2404.16014; equation numbers refer to that paper). With
 - decode:             ``x̂ = f W_dec + b_dec``
 - loss (eq. 9, with the decoder-norm-weighted sparsity term SAELens 6 uses):
 
-  ``L = ||x - x̂||²₂ + λ Σ_i ReLU(π_gate)_i sg(||W_dec,i||₂) + ||x - (ReLU(π_gate) sg(W_dec) + sg(b_dec))||²₂``
+  ``L = ||x - x̂||²₂ + λ Σ_i ReLU(π_gate)_i ||W_dec,i||₂ + ||x - (ReLU(π_gate) W_dec + b_dec)||²₂``
 
-  (sg = stop-gradient; every term summed over its last dimension and averaged over the batch).
-  The last term is the paper's auxiliary reconstruction through a *frozen* copy of the decoder,
-  so it trains only the gate path. The paper penalises ``λ ||ReLU(π_gate)||₁`` with decoder rows
-  constrained to unit norm; SAELens 6.54.12 (``GatedTrainingSAE.calculate_aux_loss``) drops the
-  constraint and weights latent i by ``||W_dec,i||`` instead, which we match in value. Without the
-  constraint, the weighting must see the decoder the same way the auxiliary term does
-  (Rajamanoharan 2024, comment on the paper's LessWrong post, lesswrong.com/posts/vdoiWXeouGsZEYgrg,
-  comment N6C2nFatJfeq9hrxM: "either unfreeze the decoder in the auxiliary task, or freeze the
-  decoder weights where they appear in the sparsity penalty"):
-  with a frozen auxiliary decoder but a live norm, the penalty shrinks ``W_dec`` for free,
-  ``r_mag`` grows to compensate, and L0 climbs towards ``d_sae``. We freeze both. SAELens freezes
-  neither, so its loss values equal ours while its ``W_dec``/``b_dec`` gradients differ.
+  (every term summed over its last dimension and averaged over the batch; no stop-gradient
+  anywhere). The last term is the paper's auxiliary reconstruction L_aux, which gives the gate
+  path the gradient the Heaviside in eq. 8 cannot. The paper penalises ``λ ||ReLU(π_gate)||₁``
+  with decoder rows constrained to unit norm and runs L_aux through a *frozen* copy of the
+  decoder. Here, as in SAELens 6.54.12 (``GatedTrainingSAE.calculate_aux_loss``), the constraint
+  is dropped and latent i's penalty is weighted by ``||W_dec,i||``; the paper's first author
+  says that then the decoder must be seen the same way by both terms, "either unfreeze the
+  decoder in the auxiliary task, or freeze the decoder weights where they appear in the sparsity
+  penalty; both attain reasonably similar performance, and are definitely better than having
+  the decoder weights frozen in one place but not the other" (Rajamanoharan 2024, comment on
+  the paper's LessWrong post, lesswrong.com/posts/vdoiWXeouGsZEYgrg, comment N6C2nFatJfeq9hrxM).
+  SAELens unfreezes both, and so do we, so that a given ``l1_coefficient`` is the same objective
+  with the same gradients in both tools. (Frozen in both terms, nothing held the decoder norms
+  back: on the anchor bench at λ = 20, ``||W_dec,i||`` grew from 0.1 to 2.1 on average (up to
+  14) while ``W_enc`` shrank, and the SAE collapsed to held-out L0 4 with 63% dead latents.
+  Frozen only in L_aux, the penalty shrank ``W_dec`` for free and L0 climbed towards ``d_sae``.)
 
 Parameters, named and shaped as SAELens stores them (weight files interchange): ``W_enc
 [d_in, d_sae]``, ``b_gate [d_sae]``, ``r_mag [d_sae]``, ``b_mag [d_sae]``, ``W_dec [d_sae,
@@ -118,9 +122,10 @@ class GatedSAE(SAE):
     ) -> TrainStepOutput:
         """Gated loss (eq. 9) of ``x: [batch, d_in]``; ``dead_mask`` is unused.
 
-        ``mse_loss = mean_b Σ_d (x - x̂)²``, ``sparsity_loss = mean_b Σ_i ReLU(π_gate)_i sg(||W_dec,i||)``,
-        ``aux_loss = mean_b Σ_d (x - ReLU(π_gate) sg(W_dec) - sg(b_dec))²``,
-        ``loss = mse_loss + sparsity_coefficient · sparsity_loss + aux_loss``.
+        ``mse_loss = mean_b Σ_d (x - x̂)²``, ``sparsity_loss = mean_b Σ_i ReLU(π_gate)_i ||W_dec,i||``,
+        ``aux_loss = mean_b Σ_d (x - ReLU(π_gate) W_dec - b_dec)²``,
+        ``loss = mse_loss + sparsity_coefficient · sparsity_loss + aux_loss``; gradients flow
+        through every term (SAELens 6.54.12's gated training loss, in value and gradient).
 
         Raises:
             ValueError: ``x``'s last dimension is not ``d_in``.
@@ -132,10 +137,10 @@ class GatedSAE(SAE):
         sae_out = self.decode(feature_acts)
         mse_loss = (sae_out - x).pow(2).sum(-1).mean()
         gate_acts = torch.relu(pi_gate)
-        frozen_dec = self.W_dec.detach()
-        sparsity_loss = (gate_acts @ frozen_dec.norm(dim=1)).mean()
-        via_gate = gate_acts @ frozen_dec + self.b_dec.detach()
-        aux_loss = (via_gate - x).pow(2).sum(-1).mean()
+        # The decoder is live in both gate terms (see the module docstring): freezing it in one
+        # or both lets the decoder norms drift against the penalty.
+        sparsity_loss = (gate_acts @ self.W_dec.norm(dim=1)).mean()
+        aux_loss = (self.decode(gate_acts) - x).pow(2).sum(-1).mean()
         loss = mse_loss + sparsity_coefficient * sparsity_loss + aux_loss
         return TrainStepOutput.build(
             loss, mse_loss, feature_acts, sae_out,

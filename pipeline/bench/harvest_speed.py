@@ -1,0 +1,275 @@
+"""Harvest speed and storage: ours against the model forward alone and against SAELens 6.54.12.
+
+    python -m pipeline.bench.harvest_speed [--quick] [--n-tokens 32768] [--repeats 3]
+        [--workdir data/bench/harvest_speed] [--out rows.json]
+
+All variants run over the SAME token rows (``pipeline.harvest.tokenize_dataset`` of one config: the
+first ``n_tokens`` of WikiText-2 test in ``context_size`` rows without BOS, as in
+../shared/ANCHORS.md) on one model loaded once (a second, bfloat16 copy for the bf16 rows).
+Speed is tokens/s, the median of ``repeats`` runs after ``warmup`` (default 1) untimed ones
+(:func:`pipeline.bench.measure.median_rate`); storage is bytes/token on disk.
+
+Rows of case ``"harvest"`` (tokens/s):
+
+* ``forward only`` (and ``forward only, bf16 compute``): ``model.run_with_cache`` over the rows in
+  ``store_batch_size_prompts`` batches, stopped after the hooked block, nothing stored. On a CPU the
+  model forward is the limit, so this is the ceiling a harvest can reach.
+* ``ours fp32 compute, float16 storage`` (default LZ4 compression), ``... zstd`` and
+  ``ours bf16 compute, float16 storage``: ``pipeline.harvest.harvest`` into a fresh folder each run.
+  The value is the forward + write loop (``HarvestResult.tokens_per_second``, what a harvest
+  prints); ``quality`` adds ``end_to_end_tokens_per_second`` (the whole call: tokenizing, model
+  fingerprint, statistics pass), ``fraction_of_forward`` (value / forward-only of the same compute
+  dtype; the goal is ≥ 0.9) and ``bytes_per_token``. The bf16 row adds ``cosine_to_fp32`` (mean
+  over tokens of the cosine between its stored activations and the fp32-compute cache's) and
+  ``relative_error`` (mean over tokens of ``||x_bf16 - x_fp32|| / ||x_fp32||``).
+* ``SAELens``: its ``CacheActivationsRunner`` (float32 storage, its default and the ANCHORS.md
+  setup: a Hugging Face ``datasets`` folder of ``[context_size, d_in]`` rows plus token ids) over the
+  same rows given as a pre-tokenized ``input_ids`` dataset, driving our already-loaded model. The
+  value is ``runner.run()`` (forward, shard writes, consolidation); ``end_to_end`` adds building
+  the runner.
+
+Our rows reference ``SAELens``. Bytes/token count every file of the output folder (metadata and
+token ids included) over the token count; ``bytes_per_token_vs_saelens`` in our rows' ``quality``
+is the "at most 0.5×" goal. Rows of case ``"harvest_hooks"`` (tokens/s) are our fp32 harvest
+capturing 1, 2, 3 and 4 hooks of the hooked block in one pass (the forward is the same for all, so
+the ratio to ``1 hook`` is what each extra hook costs to copy, compress and write).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import math
+import shutil
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+from unittest import mock
+
+import click
+import numpy as np
+import torch
+
+from pipeline import models
+from pipeline.bench.measure import Row, add_ratios, median_rate
+from pipeline.cache import ActivationCache
+from pipeline.config import HarvestConfig
+from pipeline.harvest import harvest, tokenize_dataset
+
+REPO = Path(__file__).resolve().parents[2]
+# configs/anchor_wikitext.yaml names ../shared/data/... relative to the repository root.
+DEFAULT_DATASET = REPO.parent / "shared" / "data" / "wikitext2_raw" / "wiki.test.raw"
+QUICK = {"n_tokens": 2048, "repeats": 1}
+# SAELens's datasets writer has problems with shards over 2 GB (its CacheActivationsRunnerConfig).
+SAELENS_MAX_BUFFER_BYTES = 2e9
+
+
+def harvest_rows(*, model_name: str = "smollm2-135m", hook: str = "blocks.8.hook_resid_post",
+                 dataset_path: str | Path = DEFAULT_DATASET, n_tokens: int = 32_768, context_size: int = 128,
+                 store_batch_size_prompts: int = 16, repeats: int = 3, warmup: int = 1,
+                 workdir: Path, model=None) -> list[Row]:
+    """Rows of cases ``harvest`` and ``harvest_hooks`` (see the module docstring).
+
+    ``n_tokens`` is rounded down to whole forward batches (``store_batch_size_prompts`` rows of
+    ``context_size``; fewer rows per batch when the harvest has fewer) so SAELens, which only
+    writes whole buffers of whole batches, stores exactly the same rows. ``warmup`` untimed runs
+    precede the ``repeats`` timed ones of every variant. Folders go under ``workdir``. ``model``:
+    ``model_name`` already loaded in float32 (``pipeline.models.load_model``), else it is loaded here.
+    """
+    workdir = Path(workdir)
+    model = model if model is not None else models.load_model(model_name)
+    # No holdout: a harvest shrinks its chunks to fit a holdout smaller than 4,096 tokens, and a
+    # forward batch never straddles a chunk, so a small benchmark harvest would run smaller forward
+    # batches than a real one (and than the forward-only and SAELens rows).
+    base = HarvestConfig(model_name=model_name, hook_names=[hook], dataset_path=str(dataset_path),
+                         context_size=context_size, n_tokens=n_tokens, holdout_tokens=0, overwrite=True)
+    tokens = tokenize_dataset(base, model.tokenizer)
+    batch = min(store_batch_size_prompts, tokens.shape[0])
+    tokens = tokens[: tokens.shape[0] // batch * batch]
+    base = dataclasses.replace(base, n_tokens=tokens.size, store_batch_size_prompts=batch)
+    run = {"repeats": repeats, "warmup": warmup, "torch_threads": torch.get_num_threads()}
+
+    fwd = _forward_row("forward only", model, tokens, base, run)
+    ours = _ours_row("ours fp32 compute, float16 storage", base, model, tokens, workdir / "fp32", fwd, run)
+    zstd = _ours_row("ours fp32 compute, float16 storage, zstd", dataclasses.replace(base, compression="zstd"),
+                     model, tokens, workdir / "zstd", fwd, run)
+    model_bf16 = models.load_model(model_name, dtype=torch.bfloat16)
+    fwd_bf16 = _forward_row("forward only, bf16 compute", model_bf16, tokens, base, run)
+    bf16 = _ours_row("ours bf16 compute, float16 storage", dataclasses.replace(base, model_dtype="bfloat16"),
+                     model_bf16, tokens, workdir / "bf16", fwd_bf16, run)
+    del model_bf16
+    bf16.quality.update(compare_caches(workdir / "fp32", workdir / "bf16", hook))
+    saelens = _saelens_row(model, tokens, base, workdir / "saelens", run)
+    for r in (ours, zstd, bf16):
+        r.reference = "SAELens"
+        r.quality["bytes_per_token_vs_saelens"] = r.quality["bytes_per_token"] / saelens.quality["bytes_per_token"]
+    hook_rows = _hooks_rows(base, model, tokens, workdir / "hooks", ours, run)
+    return add_ratios([fwd, fwd_bf16, ours, zstd, bf16, saelens] + hook_rows)
+
+
+def _forward_row(variant: str, model, tokens: np.ndarray, cfg: HarvestConfig, run: dict) -> Row:
+    """Tokens/s of the model forward alone, exactly as the harvest batches and stops it."""
+    stop_at = models.stop_at_layer_for(cfg.hook_names)
+
+    def forward() -> int:
+        with torch.no_grad():
+            for s in range(0, tokens.shape[0], cfg.store_batch_size_prompts):
+                batch = torch.from_numpy(tokens[s : s + cfg.store_batch_size_prompts].astype(np.int64))
+                model.run_with_cache(batch, names_filter=list(cfg.hook_names), stop_at_layer=stop_at)
+        return tokens.size
+
+    rate, samples = median_rate(forward, repeats=run["repeats"], warmup=run["warmup"])
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return Row("harvest", variant, rate, "tokens/s", samples,
+               config={**_settings(cfg), "model_dtype": dtype, "stop_at_layer": stop_at, **run})
+
+
+def _ours_row(variant: str, cfg: HarvestConfig, model, tokens: np.ndarray, out: Path, forward: Row,
+              run: dict) -> Row:
+    """Our harvest into ``out`` (replaced each run): loop tokens/s, end-to-end tokens/s, bytes/token."""
+    cfg = dataclasses.replace(cfg, output_path=str(out))
+    loop_rates: list[float] = []
+    results = []
+
+    def once() -> int:
+        result = harvest(cfg, model=model)
+        loop_rates.append(result.tokens_per_second)
+        results.append(result)
+        return result.cache.layout.n_tokens
+
+    end_to_end, _ = median_rate(once, repeats=run["repeats"], warmup=run["warmup"])
+    cache = results[-1].cache
+    if not np.array_equal(np.asarray(cache.tokens[:]), tokens):
+        raise RuntimeError(f"{variant}: the harvest stored other token rows than the benchmark's.")
+    samples = loop_rates[-run["repeats"]:]  # the first was the warm-up
+    rate = statistics.median(samples)
+    on_disk = folder_bytes(out) / tokens.size
+    quality = {"fraction_of_forward": rate / forward.value, "end_to_end_tokens_per_second": end_to_end,
+               "bytes_per_token": on_disk,
+               "activation_bytes_per_token": sum(folder_bytes(out / h) for h in cfg.hook_names) / tokens.size}
+    # HarvestResult measures the same folder; a disagreement would mean one of the two is wrong.
+    note = "" if math.isclose(results[-1].bytes_per_token, on_disk, rel_tol=1e-6) else (
+        f"HarvestResult.bytes_per_token {results[-1].bytes_per_token:.1f} != folder size / tokens {on_disk:.1f}")
+    return Row("harvest", variant, rate, "tokens/s", samples, quality, {**_settings(cfg), **run}, note=note)
+
+
+def _saelens_row(model, tokens: np.ndarray, cfg: HarvestConfig, out: Path, run: dict) -> Row:
+    """SAELens 6.54.12's ``CacheActivationsRunner`` over the same rows, on our loaded model, fp32.
+
+    Its runner loads the model itself by name (TransformerLens ``HookedTransformer`` names only, and
+    online), so its ``load_model`` is replaced by one that returns ``model``; everything else is its
+    own code. The rows are its pre-tokenized ``input_ids`` dataset, passed as ``override_dataset``.
+    The buffers are sized to cover the rows exactly: it writes whole buffers and silently wraps
+    around the dataset to fill one (its default 2 GB buffer is 868K fp32 tokens of this model).
+    """
+    from datasets import Dataset
+    from sae_lens.cache_activations_runner import CacheActivationsRunner
+    from sae_lens.config import CacheActivationsRunnerConfig
+
+    hook = cfg.hook_names[0]
+    d_in = models.d_in_of(model, hook)
+    bytes_per_token = d_in * 4
+    n_batches = tokens.shape[0] // cfg.store_batch_size_prompts
+    fewest = math.ceil(tokens.size * bytes_per_token / SAELENS_MAX_BUFFER_BYTES)
+    n_buffers = next(k for k in range(fewest, n_batches + 1) if n_batches % k == 0)
+    buffer_tokens = tokens.size // n_buffers
+    settings = {"model_batch_size": cfg.store_batch_size_prompts, "context_size": cfg.context_size,
+                "hook_name": hook, "d_in": d_in, "training_tokens": tokens.size, "dtype": "float32",
+                "device": "cpu", "prepend_bos": False, "shuffle": False, "streaming": False,
+                # half a token of slack: the runner floors buffer_size_gb * 1e9 / bytes_per_token
+                "buffer_size_gb": (buffer_tokens + 0.5) * bytes_per_token / 1e9}
+    loop_rates: list[float] = []
+
+    def once() -> int:
+        shutil.rmtree(out, ignore_errors=True)  # it refuses a non-empty output folder
+        runner_cfg = CacheActivationsRunnerConfig(dataset_path=str(cfg.dataset_path), model_name=cfg.model_name,
+                                                  new_cached_activations_path=str(out), **settings)
+        dataset = Dataset.from_dict({"input_ids": tokens.tolist()})
+        with mock.patch("sae_lens.cache_activations_runner.load_model", lambda **_: model), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # it warns that 'samples' (rows) < training tokens
+            runner = CacheActivationsRunner(runner_cfg, override_dataset=dataset)
+            t0 = time.perf_counter()
+            stored = runner.run()
+            loop_rates.append(tokens.size / (time.perf_counter() - t0))
+        if stored.num_rows != tokens.shape[0] or not np.array_equal(np.asarray(stored["token_ids"]), tokens):
+            raise RuntimeError("SAELens stored other token rows than the benchmark's.")
+        return tokens.size
+
+    end_to_end, _ = median_rate(once, repeats=run["repeats"], warmup=run["warmup"])
+    samples = loop_rates[-run["repeats"]:]
+    quality = {"end_to_end_tokens_per_second": end_to_end, "bytes_per_token": folder_bytes(out) / tokens.size}
+    config = {**settings, "version": importlib.metadata.version("sae-lens"), "n_buffers": n_buffers,
+              "model": cfg.model_name, "dataset_path": str(cfg.dataset_path), **run}
+    return Row("harvest", "SAELens", statistics.median(samples), "tokens/s", samples, quality, config)
+
+
+def _hooks_rows(cfg: HarvestConfig, model, tokens: np.ndarray, workdir: Path, one_hook: Row, run: dict) -> list[Row]:
+    """Our fp32 harvest with 1 to 4 hooks of one block in a pass (the 1-hook row is ``one_hook``)."""
+    hook = cfg.hook_names[0]
+    layer = models.hook_layer(hook)
+    same_block = [f"blocks.{layer}.hook_{name}" for name in ("resid_pre", "resid_mid", "mlp_out", "resid_post")]
+    hooks = [hook] + [h for h in same_block if h != hook][:3]
+    models.validate_hook_names(model, hooks)
+    rows = [dataclasses.replace(one_hook, case="harvest_hooks", variant="1 hook", reference=None, ratio=None)]
+    for n in range(2, len(hooks) + 1):
+        r = _ours_row(f"{n} hooks", dataclasses.replace(cfg, hook_names=hooks[:n]), model, tokens,
+                      workdir / f"{n}", one_hook, run)
+        r.quality.pop("fraction_of_forward")  # same forward as one hook: the ratio says it
+        rows.append(dataclasses.replace(r, case="harvest_hooks", reference="1 hook"))
+    return rows
+
+
+def compare_caches(reference: Path, other: Path, hook: str) -> dict[str, float]:
+    """Per-token agreement of two caches of the same rows at ``hook``.
+
+    Returns ``{"cosine_to_fp32": mean_t cos(x_t, y_t), "relative_error": mean_t ||y_t - x_t|| / ||x_t||}``
+    with ``x`` the ``reference`` cache's activations and ``y`` the ``other``'s, both read as float32.
+    """
+    a, b = (ActivationCache.open(p) for p in (reference, other))
+    x, y = (c.read_rows(hook, 0, c.layout.n_tokens).float() for c in (a, b))
+    cosine = torch.nn.functional.cosine_similarity(x, y, dim=1)
+    rel = (y - x).norm(dim=1) / x.norm(dim=1).clamp_min(1e-12)
+    return {"cosine_to_fp32": cosine.mean().item(), "relative_error": rel.mean().item()}
+
+
+def folder_bytes(path: Path) -> int:
+    """Bytes of every file under ``path`` (what the folder costs on disk, before block rounding)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _settings(cfg: HarvestConfig) -> dict[str, Any]:
+    keep = ("model_name", "hook_names", "dataset_path", "context_size", "n_tokens", "store_batch_size_prompts",
+            "prepend_bos", "dtype", "model_dtype", "compression", "compression_level", "chunk_tokens",
+            "chunks_per_shard", "holdout_tokens")
+    return {k: getattr(cfg, k) for k in keep}
+
+
+def print_rows(rows: list[Row], echo: Callable[[str], Any] = click.echo) -> None:
+    """One line per row: case, variant, value and unit, ratio to its reference, quality figures."""
+    for r in rows:
+        ratio = f"  ×{r.ratio:.3f} vs {r.reference}" if r.ratio is not None else ""
+        quality = "  " + ", ".join(f"{k} {v:.4g}" for k, v in r.quality.items()) if r.quality else ""
+        note = f"  ({r.note})" if r.note else ""
+        echo(f"{r.case:<15} {r.variant:<42} {r.value:>10.1f} {r.unit}{ratio}{quality}{note}")
+
+
+@click.command()
+@click.option("--quick", is_flag=True, help=f"Tiny run (sizes {QUICK}) to check the case works.")
+@click.option("--n-tokens", default=32_768, show_default=True, type=int)
+@click.option("--repeats", default=3, show_default=True, type=int)
+@click.option("--workdir", default="data/bench/harvest_speed", show_default=True)
+@click.option("--out", default=None, help="Also write the rows as JSON here.")
+def main(quick: bool, n_tokens: int, repeats: int, workdir: str, out: str | None) -> None:
+    sizes = QUICK if quick else {"n_tokens": n_tokens, "repeats": repeats}
+    rows = harvest_rows(workdir=Path(workdir), **sizes)
+    print_rows(rows)
+    if out:
+        Path(out).write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""The benchmark suite's machinery (``sae-pipeline bench``), on real SmolLM2 activations.
+
+No timing is asserted: these check that the suite measures what it says (the rewritten caches hold
+the same rows, quality figures equal an independent computation, goals compare the right rows).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.bench import codecs, suite, training_speed
+from pipeline.bench.measure import Row, add_ratios, median_rate
+from pipeline.errors import ConfigError
+
+pytestmark = pytest.mark.slow  # the real_cache fixture harvests SmolLM2-135M
+
+
+def test_a_rewritten_cache_holds_the_same_rows_tokens_and_holdout(real_cache, tmp_path):
+    hook = real_cache.hook_names[0]
+    copy, _ = codecs.rewrite_cache(real_cache, tmp_path / "c", "zstd", 8192, 2)
+    assert copy.layout.chunk_tokens == 8192 and copy.attrs["compression"] == "zstd"
+    np.testing.assert_array_equal(copy.array(hook)[:], real_cache.array(hook)[:])
+    np.testing.assert_array_equal(copy.tokens[:], real_cache.tokens[:])
+    holdout = lambda c: c.layout.chunk_rows(c.holdout_chunks[0])[0]  # noqa: E731
+    assert holdout(copy) == holdout(real_cache)  # same held-out tokens, in bigger chunks
+    assert copy.statistics(hook) == real_cache.statistics(hook)
+
+
+def test_codec_rows_report_sizes_that_match_the_files(real_cache, tmp_path):
+    rows = codecs.codec_rows(real_cache.path, tmp_path, candidates=[("none", 4096, 8), ("zstd", 4096, 8)],
+                             batch_size=512, n_batches=3, repeats=1)
+    none, zstd = rows
+    d_in = real_cache.d_in_of(real_cache.hook_names[0])
+    # "none" stores float16 rows as they are: 2 bytes per value, plus token ids and metadata
+    assert none.quality["compression_ratio"] == pytest.approx(1.0, abs=0.01)
+    assert 2 * d_in <= none.quality["bytes_per_token"] < 2 * d_in + 16
+    # Zstd finds the redundancy of float16 exponent bytes (measured ~7% on these activations)
+    assert 1.03 < zstd.quality["compression_ratio"] < 1.3
+    assert zstd.quality["bytes_per_token"] < none.quality["bytes_per_token"]
+    assert none.ratio is None and zstd.reference == none.variant
+    assert all(r.value > 0 and r.quality["decode_tokens_per_second"] > 0 for r in rows)
+    assert not list(tmp_path.iterdir())  # the rewritten caches are removed after measuring
+
+
+def test_timed_steps_drop_the_warm_up_and_time_whole_blocks():
+    bench = training_speed.StepBench("t", steps=11, warmup_steps=3, block_steps=4, batch_size=2)
+    data = training_speed.Data(None, "h", torch.zeros(6, 3), torch.zeros(2, 3), 1.0)
+    seen = []
+    _, rates = training_speed.timed_steps(lambda x: seen.append(x.shape[0]), data, bench)
+    assert len(seen) == 11 and len(rates) == 2  # steps 4-7 and 8-11 are the timed blocks
+    with pytest.raises(ValueError, match="raise steps"):
+        training_speed.timed_steps(lambda x: None, data, training_speed.StepBench("t", steps=4, warmup_steps=3,
+                                                                                   block_steps=4, batch_size=2))
+
+
+def test_held_out_quality_is_the_evaluate_stage_definition():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 8, generator=gen) + 3.0
+    noise = 0.3 * torch.randn(300, 8, generator=gen)
+    acts = torch.relu(torch.randn(300, 5, generator=gen))
+    q = training_speed.held_out_quality(lambda b: acts, lambda f: x + noise, x, d_sae=5, batch_size=300)
+    ev = 1 - (noise ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert q["explained_variance"] == pytest.approx(float(ev), rel=1e-5)
+    assert q["l0"] == pytest.approx(float((acts > 0).sum(1).float().mean()), rel=1e-6)
+
+
+def test_ours_fp32_bf16_and_saelens_train_the_same_topk_on_real_rows(real_cache):
+    bench = training_speed.StepBench("train_topk", d_sae=512, settings={"k": 8}, batch_size=512, lr=2e-3,
+                                     n_train_tokens=4096, n_holdout_tokens=2048, steps=40, warmup_steps=4,
+                                     block_steps=12)
+    rows = training_speed.training_rows(str(real_cache.path), [bench])
+    ours, bf16, saelens = rows
+    assert [r.variant for r in rows] == ["ours fp32", "ours bf16", "SAELens"]
+    for r in rows:
+        assert r.quality["l0"] == pytest.approx(8.0, abs=0.05)  # TopK: exactly k active per token
+        assert 0.4 < r.quality["explained_variance"] < 1.0, r  # learnt from the real rows
+        assert len(r.samples) == 3
+    # bf16 matmuls change selection at the margin only: quality within 0.02 of fp32
+    assert abs(bf16.quality["explained_variance"] - ours.quality["explained_variance"]) < 0.02
+    assert ours.reference == "SAELens" and ours.config["d_in"] == real_cache.d_in_of(real_cache.hook_names[0])
+
+
+def test_goals_compare_the_right_rows():
+    rows = add_ratios([
+        Row("train_topk", "ours fp32", 30_000.0, "tokens/s", quality={"explained_variance": 0.80}, reference="SAELens"),
+        Row("train_topk", "SAELens", 5_000.0, "tokens/s", quality={"explained_variance": 0.81}),
+        Row("codecs", "lz4, chunk 4096, 8/shard", 900_000.0, "tokens/s"),
+        Row("memory_train", "200000 tokens", 1000.0, "MiB"),
+        Row("memory_train", "2000000 tokens", 1050.0, "MiB", reference="200000 tokens"),
+    ])
+    by_name = {g.name: g for g in suite.goals(rows)}
+    assert by_name["TopK fp32 tokens/s vs SAELens"].measured == pytest.approx(6.0)
+    assert by_name["TopK fp32 tokens/s vs SAELens"].met is True
+    assert by_name["TopK fp32 held-out EV minus SAELens's"].measured == pytest.approx(-0.01)
+    assert by_name["TopK fp32 held-out EV minus SAELens's"].met is False
+    assert by_name["loader tokens/s / fastest trainer's"].measured == pytest.approx(30.0)
+    assert by_name["loader tokens/s (default cache format)"].met is False
+    assert by_name["training peak memory growth, largest vs smallest cache"].measured == pytest.approx(0.05)
+    assert by_name["standard tokens/s vs SAELens"].met is None  # not run: unmeasured, not failed
+
+
+def test_median_rate_warms_up_then_takes_the_median():
+    calls = []
+
+    def run():
+        calls.append(1)
+        return 10
+    median, rates = median_rate(run, repeats=3, warmup=2)
+    assert len(calls) == 5 and len(rates) == 3 and median == sorted(rates)[1]
+
+
+def test_the_suite_writes_json_and_markdown_and_keeps_going_past_a_failed_case(real_cache, tmp_path, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(codecs, "codec_rows", broken)
+    result = suite.run_suite(["scaling", "codecs"], cache=str(real_cache.path), out=tmp_path, quick=True,
+                             echo=lambda s: None)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["errors"] == {"codecs": "RuntimeError: boom"} == result["errors"]
+    variants = [r["variant"] for r in saved["rows"]]
+    assert variants == ["d_sae 256", "d_sae 512", "k 8", "k 16"]
+    assert saved["machine"]["packages"]["torch"] == torch.__version__ and saved["args"]["quick"] is True
+    md = (tmp_path / "bench.md").read_text()
+    assert "## scaling_d_sae" in md and "## scaling_k" in md and "## goals (issue 6)" in md
+
+
+def test_unknown_cases_are_refused_with_the_valid_names():
+    with pytest.raises(ConfigError, match="train_topk.*codecs"):
+        suite.parse_cases("train_topk,codec")
+    assert suite.parse_cases("all") == list(suite.CASES)
