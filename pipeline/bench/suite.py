@@ -217,30 +217,33 @@ def run_suite(cases: list[str], *, cache: str, out: Path, device: str = "cpu", q
               saelens: bool = True, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run ``cases`` and write ``out/bench.json`` and ``out/bench.md``; returns the JSON's dict.
 
-    A case that raises is recorded (``errors``) and the others still run.
+    A case that raises is recorded (``errors``) and the others still run; both files are rewritten
+    after every case, so an interrupted run keeps the figures of the cases it finished.
     """
     sizes = Sizes.quick() if quick else Sizes()
     out.mkdir(parents=True, exist_ok=True)
-    started = time.strftime("%Y-%m-%d %H:%M:%S")
-    info = machine()
+    result: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "finished": None, "machine": machine(),
+        "args": {"cases": cases, "cache": cache, "device": device, "quick": quick, "saelens": saelens,
+                 "sizes": asdict(sizes)}, "rows": [], "goals": [], "errors": {}}
     rows: list[Row] = []
-    errors: dict[str, str] = {}
     for case in cases:
         echo(f"bench: {case} ...")
         t0 = time.perf_counter()
         try:
             rows += run_case(case, cache=cache, workdir=out / "work", sizes=sizes, device=device, saelens=saelens)
         except Exception as err:  # noqa: BLE001 - one broken case must not lose the others' figures
-            errors[case] = f"{type(err).__name__}: {err}"
-            echo(f"bench: {case} failed: {errors[case]}")
+            result["errors"][case] = f"{type(err).__name__}: {err}"
+            echo(f"bench: {case} failed: {result['errors'][case]}")
         echo(f"bench: {case} took {time.perf_counter() - t0:.0f} s")
-    add_ratios(rows)
-    result = {"started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": info,
-              "args": {"cases": cases, "cache": cache, "device": device, "quick": quick, "saelens": saelens,
-                       "sizes": asdict(sizes)},
-              "rows": [asdict(r) for r in rows], "goals": [], "errors": errors}
-    result["goals"] = [{**asdict(g), "met": g.met} for g in goals(rows)]
-    atomic_write(out / "bench.json", lambda p: p.write_text(json.dumps(result, indent=2, default=str)))
-    atomic_write(out / "bench.md", lambda p: p.write_text(markdown(result)))
+        _save(result, add_ratios(rows), out)
     echo(markdown(result))
     return result
+
+
+def _save(result: dict[str, Any], rows: list[Row], out: Path) -> None:
+    """Fill ``result`` with ``rows`` and their goals; write bench.json and bench.md atomically."""
+    result.update(finished=time.strftime("%Y-%m-%d %H:%M:%S"), rows=[asdict(r) for r in rows],
+                  goals=[{**asdict(g), "met": g.met} for g in goals(rows)])
+    atomic_write(out / "bench.json", lambda p: p.write_text(json.dumps(result, indent=2, default=str)))
+    atomic_write(out / "bench.md", lambda p: p.write_text(markdown(result)))
