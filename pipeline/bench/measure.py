@@ -75,7 +75,18 @@ def add_ratios(rows: list[Row]) -> list[Row]:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far, MiB (``ru_maxrss``: KiB on Linux)."""
+    """Peak resident memory of this process so far, MiB.
+
+    Linux's ``VmHWM`` where there is one: ``ru_maxrss`` survives ``exec``, so a freshly spawned
+    child would report its parent's peak at the fork. Elsewhere ``ru_maxrss`` (KiB on Linux).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
