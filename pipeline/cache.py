@@ -24,6 +24,9 @@ Several processes may fill one cache at once (a distributed harvest): each store
 its own shard files (:meth:`CacheLayout.shard_ranges`, :meth:`CacheWriter.write_chunk_data`) and
 one process, the holder of the writer lock, records checksums and progress
 (:meth:`CacheWriter.record_chunks`) and finalizes.
+
+A harvest writes a local folder; readers open it by path or, read-only, by fsspec URL
+(:meth:`ActivationCache.open`, :func:`is_url`).
 """
 
 from __future__ import annotations
@@ -42,12 +45,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import fsspec.core
 import google_crc32c  # installed with zarr, whose crc32c codec uses it
 import numpy as np
 import torch
 import zarr
+from fsspec.registry import known_implementations
 from tqdm.auto import tqdm
 from zarr.codecs import BloscCodec
+from zarr.storage import FsspecStore
 
 from pipeline.constants import CHECKSUMS_GROUP, COMPLETE_ATTR, LOCK_SUFFIX, TOKENS_ARRAY
 from pipeline.errors import CacheError, CacheWriteError
@@ -139,10 +145,14 @@ def chunk_tokens_for(context_size: int, target_tokens: int) -> int:
 
 
 class ActivationCache:
-    """Read access to a harvest. Open with :meth:`open`; arrays are read lazily, chunk by chunk."""
+    """Read access to a harvest. Open with :meth:`open`; arrays are read lazily, chunk by chunk.
+
+    ``path`` is the local folder (a :class:`~pathlib.Path`) or the fsspec URL (a ``str``) it was
+    opened from.
+    """
 
     def __init__(self, path: str | Path, group: zarr.Group):
-        self.path = Path(path)
+        self.path: Path | str = path if is_url(path) else Path(path)
         self.group = group
         self.attrs: dict[str, Any] = dict(group.attrs)
         self._checksums: dict[str, np.ndarray] = {}
@@ -156,45 +166,34 @@ class ActivationCache:
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path, *, require_complete: bool = True) -> "ActivationCache":
-        """Open a cache folder.
+        """Open a cache: a local folder, or read-only an fsspec URL (``file:///abs/cache``,
+        ``s3://bucket/cache``, ``gcs://...``, ``https://...``: any protocol whose fsspec backend is
+        installed; credentials come from the backend's usual environment variables and config files).
 
         Raises:
-            CacheError: the folder is missing, is not a sae-pipeline cache, or (with
+            CacheError: the cache is missing or unreachable, the URL's fsspec backend is not
+                installed (the message names the package), it is not a sae-pipeline cache, or (with
                 ``require_complete``) its harvest did not finish — the message says how to resume.
         """
-        path = Path(path)
-        if not (path / "zarr.json").is_file():
-            raise CacheError(
-                f"no activation cache at {str(path)!r}: run `sae-pipeline harvest` first, or pass the "
-                "folder that holds the harvest's zarr.json."
-            )
+        location = path if is_url(path) else Path(path)
         try:
-            group = zarr.open_group(str(path), mode="r")
+            group = _open_remote(location) if is_url(location) else _open_local(location)
+        except CacheError:
+            raise
         except Exception as e:  # zarr raises several types for damaged metadata
-            raise CacheError(f"{str(path)!r} is not a readable Zarr group ({e}); re-harvest it.") from e
+            raise CacheError(f"{str(location)!r} is not a readable Zarr group ({e}); re-harvest it.") from e
         if group.attrs.get("format") != "sae-pipeline-activations":
-            raise CacheError(f"{str(path)!r} is a Zarr group but not a sae-pipeline activation cache.")
+            raise CacheError(f"{str(location)!r} is a Zarr group but not a sae-pipeline activation cache.")
         version = group.attrs.get("format_version")
         if version not in CHECKSUM_ALGORITHMS:
             raise CacheError(
-                f"the cache at {str(path)!r} has format version {version}, this sae-pipeline reads versions "
+                f"the cache at {str(location)!r} has format version {version}, this sae-pipeline reads versions "
                 f"{sorted(CHECKSUM_ALGORITHMS)}; re-harvest it (same command with --overwrite)."
             )
-        check_attributes(path, dict(group.attrs), group)
-        cache = cls(path, group)
+        check_attributes(location, dict(group.attrs), group)
+        cache = cls(location, group)
         if require_complete and not cache.complete:
-            state, holder = lock_state(path)
-            if state in ("running", "unknown"):
-                raise CacheError(
-                    f"the cache at {str(path)!r} is still being written by pid {holder.get('pid')} on "
-                    f"{holder.get('host')} ({cache.n_chunks_written}/{cache.layout.n_chunks} chunks so far); "
-                    "wait for that harvest to finish."
-                )
-            raise CacheError(
-                f"the cache at {str(path)!r} is incomplete ({cache.n_chunks_written}/{cache.layout.n_chunks} "
-                "chunks written): its harvest was interrupted. Re-run the same `sae-pipeline harvest` "
-                "command to resume it."
-            )
+            raise _incomplete_error(cache)
         return cache
 
     # -- metadata --------------------------------------------------------------------------------
@@ -318,6 +317,88 @@ class ActivationCache:
         )
 
 
+# -- where a cache is read from ------------------------------------------------------------------
+# A local folder is read through zarr's LocalStore (the fast path) and may be flock-ed by its
+# writer; a URL through zarr's FsspecStore, read-only: a remote store has no lock to check, so a
+# reader relies on the group's ``complete`` attribute alone (set by the harvest's last write).
+def is_url(path: str | Path) -> bool:
+    """Whether ``path`` is an fsspec URL (``s3://bucket/cache``, ``file:///abs/cache``) rather than
+    a local path (a :class:`~pathlib.Path` never is: it would have lost a slash of ``//``)."""
+    return isinstance(path, str) and "://" in path
+
+
+def local_folder(path: str | Path) -> Path | None:
+    """The local folder a cache path names: the path itself, a ``file://`` URL's folder, or None
+    for a URL of another filesystem."""
+    if not is_url(path):
+        return Path(path)
+    protocol, rest = fsspec.core.split_protocol(path)
+    return Path(rest) if protocol in ("file", "local") else None
+
+
+def _open_local(path: Path) -> zarr.Group:
+    if not (path / "zarr.json").is_file():
+        raise _no_cache_error(path)
+    return zarr.open_group(str(path), mode="r")
+
+
+def _open_remote(url: str) -> zarr.Group:
+    """The group at ``url``, read-only through zarr's FsspecStore."""
+    fs, root = _url_filesystem(url)
+    try:
+        found = fs.isfile(f"{root.rstrip('/')}/zarr.json")
+    except Exception as e:  # unreachable host, refused credentials: each backend has its own types
+        raise _no_cache_error(url, f" ({type(e).__name__}: {e})") from e
+    if not found:
+        raise _no_cache_error(url)
+    return zarr.open_group(FsspecStore.from_url(url, read_only=True), mode="r")
+
+
+def _url_filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """fsspec's filesystem of ``url`` and the path in it.
+
+    Raises:
+        CacheError: the protocol is unknown, or its backend is not installed (naming the package).
+    """
+    protocol = fsspec.core.split_protocol(url)[0]
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:
+        module = known_implementations.get(protocol, {}).get("class", "").split(".")[0]
+        install = f"pip install {module}" if module not in ("", "fsspec") else "install what it names"
+        raise CacheError(f"cannot read the cache at {url!r}: the fsspec backend of {protocol!r} URLs is not "
+                         f"installed ({e}); {install}, or copy the cache to a local folder.") from None
+    except ValueError as e:
+        raise CacheError(f"cannot read the cache at {url!r}: {e}. Pass a local folder or a URL fsspec reads "
+                         "(file://, s3://, gcs://, https://, ...).") from None
+
+
+def _no_cache_error(location: str | Path, why: str = "") -> CacheError:
+    return CacheError(
+        f"no activation cache at {str(location)!r}{why}: run `sae-pipeline harvest` first, or pass the "
+        "folder that holds the harvest's zarr.json."
+    )
+
+
+def _incomplete_error(cache: ActivationCache) -> CacheError:
+    """Why ``cache`` cannot be read yet: its writer still runs (its lock says so), or it was interrupted."""
+    done = f"{cache.n_chunks_written}/{cache.layout.n_chunks}"
+    if is_url(cache.path):
+        return CacheError(f"the cache at {cache.path!r} is incomplete ({done} chunks written): its harvest is "
+                          "still running or was interrupted (a cache read by URL has no lock to tell). Wait for "
+                          "it, or re-run the same `sae-pipeline harvest` command where it ran to resume it.")
+    state, holder = lock_state(cache.path)
+    if state in ("running", "unknown"):
+        return CacheError(
+            f"the cache at {str(cache.path)!r} is still being written by pid {holder.get('pid')} on "
+            f"{holder.get('host')} ({done} chunks so far); wait for that harvest to finish."
+        )
+    return CacheError(
+        f"the cache at {str(cache.path)!r} is incomplete ({done} chunks written): its harvest was "
+        "interrupted. Re-run the same `sae-pipeline harvest` command to resume it."
+    )
+
+
 def _is_count(value: Any, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
@@ -372,7 +453,7 @@ def _array_problems(attrs: dict[str, Any], group: zarr.Group) -> list[str]:
     return problems
 
 
-def check_attributes(path: Path, attrs: dict[str, Any], group: zarr.Group) -> None:
+def check_attributes(path: str | Path, attrs: dict[str, Any], group: zarr.Group) -> None:
     """Check a cache's attributes and arrays before anything reads them (files from elsewhere are
     untrusted: a damaged or hand-edited ``zarr.json`` must give a CacheError, not a deep traceback).
 
@@ -703,13 +784,19 @@ _WRITE_FIXES = {
 def write_error(path: str | Path, what: str, err: OSError, progress: str = "") -> CacheWriteError:
     """The error a harvest raises when the OS refuses a write: the cache path, what was being
     written, the OS error and file, the free space there, what was kept, and the fix."""
-    code = errno.errorcode.get(err.errno or 0, "unknown")
-    where = f" at {err.filename}" if err.filename else ""
     fix = _WRITE_FIXES.get(err.errno, f"remove the cause the OS names, {_RESUME}")
     return CacheWriteError(
-        f"cannot write {what} of the cache at {str(path)!r}: {err.strerror or err} ({code}{where}); "
-        f"{_free_space(Path(path))} free on that filesystem. {progress}Fix: {fix}."
+        f"cannot write {what} of the cache at {str(path)!r}: {describe_os_error(err, Path(path))}. "
+        f"{progress}Fix: {fix}."
     )
+
+
+def describe_os_error(err: OSError, path: Path) -> str:
+    """``"No space left on device (ENOSPC at <file>); 1.2 MiB free on that filesystem"``, the free
+    space measured at ``path`` (or its nearest existing parent)."""
+    code = errno.errorcode.get(err.errno or 0, "unknown")
+    where = f" at {err.filename}" if err.filename else ""
+    return f"{err.strerror or err} ({code}{where}); {_free_space(path)} free on that filesystem"
 
 
 def _free_space(path: Path) -> str:
@@ -769,9 +856,14 @@ def writer_lock(path: str | Path, *, break_lock: bool = False) -> Iterator[None]
     cannot both win (pid checks alone cannot tell a reused pid, nor order two breakers).
 
     Raises:
-        CacheError: another writer holds the lock; the message names it and the fix.
+        CacheError: another writer holds the lock, or ``path`` is a URL (a harvest writes local
+            folders only); the message names it and the fix.
         CacheWriteError: the lock file cannot be created (read-only or unwritable folder).
     """
+    if is_url(path):
+        raise CacheError(f"cannot harvest into {path!r}: a harvest writes local folders only (a URL cannot be "
+                         "locked against a second writer). Harvest into a local folder, copy it there, and "
+                         "train from the URL.")
     lock = lock_path(path)
     fd = _acquire_lock(lock, Path(path), break_lock)
     try:
@@ -852,10 +944,13 @@ def lock_state(path: str | Path) -> tuple[str, dict[str, Any]]:
     """Who holds the writer lock of the cache at ``path``, and whether it still runs.
 
     Returns ``(state, holder)`` with ``holder`` the lock file's host, pid and start time ({} if
-    none) and ``state`` one of ``"none"`` (no lock file), ``"running"`` (its flock is held),
+    none) and ``state`` one of ``"none"`` (no lock file, or a cache read by URL, which has no lock
+    to check), ``"running"`` (its flock is held),
     ``"stale"`` (left by a process of this host that no longer runs: the next harvest takes it
     over) or ``"unknown"`` (a process on another host: ``--break-lock`` if it is gone).
     """
+    if is_url(path):
+        return "none", {}
     lock = lock_path(path)
     try:
         fd = os.open(lock, os.O_RDONLY)

@@ -11,22 +11,27 @@ A checkpoint is a folder ``<checkpoint_dir>/step_<step>/`` holding
   ``torch.load(weights_only=True)`` (no arbitrary pickle).
 
 The folder is written under a temporary name, fsynced and renamed when complete, so a crash
-mid-write never leaves a checkpoint that looks whole. The loader position is not stored: the loader is
-deterministic given the seed, and a resumed run skips the batches already consumed.
+mid-write never leaves a checkpoint that looks whole; a write the OS refuses (disk full) removes the
+temporary folder and raises :class:`~pipeline.errors.SAEWriteError` (:func:`refused_writes`). The
+loader position is not stored: the loader is deterministic given the seed, and a resumed run skips
+the batches already consumed.
 """
 
 from __future__ import annotations
 
 import copy
+import errno
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from pipeline.errors import ConfigError
+from pipeline.cache import describe_os_error
+from pipeline.errors import ConfigError, SAEWriteError
 
 STATE_FILENAME = "training_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -46,16 +51,26 @@ def save_checkpoint(folder: Path, sae, activation_scale: float, sparsity: torch.
         activation_scale: the factor the batches were multiplied by (folded into the saved copy).
         sparsity: ``[d_sae]`` log10 feature density for ``sparsity.safetensors``, or None.
         state: the training state (``sae``, ``optimizer``, ``trainer``, ``rng``, ``config``, ...).
+
+    Raises:
+        SAEWriteError: the OS refused a write (disk full, quota, read-only); the temporary folder
+            is removed and the checkpoints written before stay complete (:func:`refused_writes`).
     """
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    folded = copy.deepcopy(sae)
-    folded.fold_activation_scale(activation_scale)
-    folded.save(tmp, sparsity=sparsity)
-    torch.save({**state, "activation_scale": activation_scale}, tmp / STATE_FILENAME)
-    _fsync_tree(tmp)  # on disk before the rename makes it visible (power loss, not only kills)
+    try:
+        with refused_writes(f"checkpoint {folder.name}", folder, folder.parent):
+            tmp.mkdir(parents=True)
+            folded = copy.deepcopy(sae)
+            folded.fold_activation_scale(activation_scale)
+            folded.save(tmp, sparsity=sparsity)
+            with open(tmp / STATE_FILENAME, "wb") as f:  # a Python file: torch's write error keeps the OSError
+                torch.save({**state, "activation_scale": activation_scale}, f)
+            _fsync_tree(tmp)  # on disk before the rename makes it visible (power loss, not only kills)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # gives the space back; list_checkpoints never lists a .tmp
+        raise
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
@@ -74,6 +89,59 @@ def _fsync_tree(folder: Path, files: bool = True) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# Per OS error refusing a write: what it means, and what the user does about it.
+_WRITE_PROBLEMS = {
+    errno.ENOSPC: ("the disk is full", "free space on that filesystem"),
+    errno.EDQUOT: ("the disk quota is used up", "free space or raise your quota on that filesystem"),
+    errno.EROFS: ("the filesystem is read-only", "make it writable"),
+    errno.EACCES: ("the folder is not writable", "make it writable for this user"),
+    errno.EPERM: ("the folder is not writable", "make it writable for this user"),
+}
+
+
+@contextmanager
+def refused_writes(what: str, target: Path, checkpoint_dir: Path) -> Iterator[None]:
+    """Turn the OS refusing a write of ``what`` at ``target`` (disk full, quota, read-only) into
+    an :class:`SAEWriteError` (:func:`write_error`); other errors pass unchanged."""
+    try:
+        yield
+    except Exception as err:
+        cause = _os_error_behind(err, target)
+        if cause is None:
+            raise
+        raise write_error(what, target, cause, checkpoint_dir) from None
+
+
+def write_error(what: str, target: Path, err: OSError, checkpoint_dir: Path) -> SAEWriteError:
+    """The error training raises when the OS refuses a write: the path, what the OS error means,
+    the OS error and file, the free space there, the last complete checkpoint in
+    ``checkpoint_dir`` and how to continue from it."""
+    problem, fix = _WRITE_PROBLEMS.get(err.errno, ("the OS refused the write", "remove the cause it names"))
+    kept = list_checkpoints(checkpoint_dir)
+    if kept:
+        then = (f"The last complete checkpoint, {kept[-1]}, is kept. Fix: {fix}, then continue from it: rerun "
+                "the same `sae-pipeline train` command with --resume, or the same `sae-pipeline sweep` command "
+                "(it resumes interrupted points)")
+    else:
+        then = (f"No checkpoint was written before it. Fix: {fix}, then rerun the same `sae-pipeline train` "
+                "command with --overwrite, or the same `sae-pipeline sweep` command")
+    return SAEWriteError(f"cannot write {what} to {target}, {problem}: {describe_os_error(err, Path(target))}. "
+                         f"Nothing half-written reads as complete. {then}.")
+
+
+def _os_error_behind(err: BaseException | None, path: Path) -> OSError | None:
+    """The OS error behind a failed write: ``err`` itself, the one torch's writer raised over (its
+    ``__context__``), or one safetensors names only in its message (``"... (os error 28)"``)."""
+    while err is not None:
+        if isinstance(err, OSError):
+            return err
+        code = re.search(r"\(os error (\d+)\)", str(err))
+        if code:
+            return OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
@@ -128,6 +196,20 @@ def load_checkpoint_state(folder: Path, device: str | torch.device = "cpu") -> d
     if missing:
         raise ConfigError(f"checkpoint {path} lacks {sorted(missing)}; it was not written by this trainer.")
     return state
+
+
+def load_resumable(folder: Path, config: dict[str, Any], cache: dict[str, Any]) -> dict[str, Any]:
+    """The training state in checkpoint ``folder``, once checked that it may continue a run of
+    ``config`` (``TrainConfig.to_dict()``) on the cache whose identity is ``cache``.
+
+    Raises:
+        ConfigError: the checkpoint is damaged, or was written with another config or cache
+            (:func:`load_checkpoint_state`, :func:`check_resumable`, :func:`check_same_cache`).
+    """
+    saved = load_checkpoint_state(folder)
+    check_resumable(saved["config"], config)
+    check_same_cache(saved.get("cache", {}), cache)
+    return saved
 
 
 # Fields that may differ between the run that wrote a checkpoint and the run resuming it.

@@ -17,7 +17,8 @@ Several ranges per worker keep the workers evenly loaded and bound what a killed
 progress is recorded per finished range.
 
 Every worker must see the same paths (one machine, or a filesystem shared at the same mount point)
-and have this package installed.
+and have this package installed; a sweep's workers may instead read the cache by fsspec URL
+(``cache_path: s3://bucket/harvests/wiki``, see :meth:`pipeline.cache.ActivationCache.open`).
 
 Same results as a local run: a task holds a process-wide lock, so one worker process runs one task
 at a time (torch's global RNG, which seeds each SAE's initialisation, belongs to the process), and

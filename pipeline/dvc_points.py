@@ -33,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.cache import is_url
 from pipeline.config import read_yaml_mapping
 from pipeline.errors import ConfigError
 from pipeline.sae.io import atomic_write
@@ -67,7 +68,7 @@ def dvc_points(sweep: Sweep) -> dict[str, Any]:
         "config": Path(sweep.source).as_posix(),
         "output_path": output.as_posix(),
         "metrics_path": (output / DVC_METRICS_DIRNAME).as_posix(),
-        "points": {p.id: {"cache_path": Path(p.cfg.cache_path).as_posix(), "params": p.params} for p in sweep.points},
+        "points": {p.id: {"cache_path": _posix(p.cfg.cache_path), "params": p.params} for p in sweep.points},
     }}
 
 
@@ -151,3 +152,8 @@ def _differences(view: DvcPoints, current: dict[str, Any]) -> str:
 
 def _write_command(config: str | Path, path: str | Path) -> str:
     return f"sae-pipeline sweep --config {Path(config).as_posix()} --write-dvc-points {Path(path).as_posix()}"
+
+
+def _posix(cache_path: str) -> str:
+    """A local cache path with forward slashes; a URL as written (``Path`` would drop a slash of ``//``)."""
+    return cache_path if is_url(cache_path) else Path(cache_path).as_posix()

@@ -42,6 +42,12 @@ class SAEFormatError(SaePipelineError):
     """An SAE folder is missing files, or its tensors do not match its cfg.json."""
 
 
+class SAEWriteError(SaePipelineError):
+    """Training cannot write a checkpoint or the trained SAE (disk full, quota, read-only or
+    unwritable folder); the message names the path, the OS error, the free space there, the last
+    complete checkpoint kept and how to continue from it."""
+
+
 class TrainingError(SaePipelineError):
     """Training cannot continue (NaN/Inf in a batch, loss, gradient or parameter; d_in mismatch
     with the cache)."""

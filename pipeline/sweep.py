@@ -24,8 +24,11 @@ identity); ``sweep.json`` beside them lists the sweep's current points for the r
 
 Reruns: a point is skipped when its folder holds a saved SAE, ``point.json`` says finished, its
 ``train_config.yaml`` equals the new config in every field that shapes the result (all but
-:data:`pipeline.checkpoint.RESUMABLE_CHANGES`) and the cache holds the same activations; every other
-point (new, changed, failed, interrupted) trains from scratch.
+:data:`pipeline.checkpoint.RESUMABLE_CHANGES`) and the cache holds the same activations. An
+interrupted point (no ``point.json``) whose latest checkpoint (``n_checkpoints`` > 0; they live in
+``<output_path>/<id>/checkpoints``) loads, was written with such an equal config and on the same
+activations resumes from it and ends with the weights of an uninterrupted run; every other point
+(new, changed, failed, interrupted without a usable checkpoint) trains from scratch.
 
 Groups: points that agree on :data:`pipeline.training.STREAM_FIELDS` share one pass of the loader
 (:func:`pipeline.training.train_group`); they are packed first-fit decreasing into groups whose
@@ -41,12 +44,12 @@ import hashlib
 import itertools
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 from pipeline.cache import TORCH_DTYPES
-from pipeline.checkpoint import RESUMABLE_CHANGES
+from pipeline.checkpoint import RESUMABLE_CHANGES, list_checkpoints, load_resumable
 from pipeline.config import ARCHITECTURE_FIELDS, EvalConfig, TrainConfig, read_yaml_mapping
 from pipeline.constants import SAE_CFG_FILENAME, TRAIN_CONFIG_FILENAME
 from pipeline.errors import ConfigError, SaePipelineError
@@ -234,8 +237,8 @@ def _check_owned(base: dict[str, Any], grid: dict[str, Any], entries: list[dict[
         owned = [k for k in keys if k in _SWEEP_OWNED_FIELDS]
         if owned:
             raise ConfigError(f"sweep {where} sets {owned[0]!r}, which the sweep sets itself (each point trains into "
-                              "<output_path>/<point id>, from scratch); remove it (set the sweep's top-level "
-                              "output_path to move the whole sweep).")
+                              "<output_path>/<point id> and resumes from its own checkpoints); remove it (set the "
+                              "sweep's top-level output_path to move the whole sweep).")
     for i, entry in enumerate(entries):
         both = sorted(set(entry) & set(grid))
         if both:
@@ -279,10 +282,13 @@ def _slug(text: str) -> str:
 @dataclass
 class PointStatus:
     """Where a point stands before a sweep run: ``finished`` (skipped), ``new``, ``changed``
-    (``detail`` names what), ``failed`` (``detail``: the error) or ``unfinished`` (interrupted)."""
+    (``detail`` names what), ``failed`` (``detail``: the error) or ``unfinished`` (interrupted;
+    ``detail``: resumed from which step, or why from scratch). ``resume_from``: the checkpoint
+    folder an unfinished point resumes from, or None."""
 
     kind: str
     detail: str = ""
+    resume_from: str | None = None
 
 
 def point_status(folder: Path, cfg: TrainConfig, cache_identity: dict[str, Any]) -> PointStatus:
@@ -293,11 +299,27 @@ def point_status(folder: Path, cfg: TrainConfig, cache_identity: dict[str, Any])
     if record.get("status") == "failed":
         return PointStatus("failed", record.get("error", ""))
     if record.get("status") != "finished" or not (folder / SAE_CFG_FILENAME).is_file():
-        return PointStatus("unfinished")
+        return _unfinished_status(cfg, cache_identity)
     diffs = config_differences(folder / TRAIN_CONFIG_FILENAME, cfg)
     if record.get("cache") != cache_identity:
         diffs.append("the activations at cache_path")
     return PointStatus("changed", "; ".join(diffs)) if diffs else PointStatus("finished")
+
+
+def _unfinished_status(cfg: TrainConfig, cache_identity: dict[str, Any]) -> PointStatus:
+    """An interrupted point resumes from its latest checkpoint when that loads and was written
+    with ``cfg``'s values of every field that shapes the result and on the activations
+    ``cache_identity`` names (:func:`pipeline.checkpoint.load_resumable`, as ``train`` checks);
+    else from scratch."""
+    found = list_checkpoints(cfg.checkpoint_dir)
+    if not found:
+        return PointStatus("unfinished", "from scratch, no checkpoint")
+    try:
+        saved = load_resumable(found[-1], cfg.to_dict(), cache_identity)
+    except ConfigError as err:
+        return PointStatus("unfinished", f"from scratch, its latest checkpoint cannot be resumed: {err}")
+    return PointStatus("unfinished", f"resume from step {saved['trainer']['step']} of {cfg.total_steps}",
+                       str(found[-1]))
 
 
 def config_differences(saved_path: Path, cfg: TrainConfig) -> list[str]:
@@ -435,7 +457,8 @@ class SweepResult:
 def run_sweep(sweep: Sweep, *, max_memory_gb: float = DEFAULT_MAX_MEMORY_GB, only: Sequence[str] = (),
               dry_run: bool = False, progress: bool = True, scheduler: str | None = None,
               torch_threads: int | None = None) -> SweepResult:
-    """Train the sweep's new and changed points in fused groups; skip finished ones (module docstring).
+    """Train the sweep's unfinished points in fused groups, interrupted ones resumed from their
+    checkpoints where they can; skip finished ones (module docstring).
 
     Args:
         max_memory_gb: the memory budget of one group (GiB), see :func:`group_memory_bytes`.
@@ -452,6 +475,8 @@ def run_sweep(sweep: Sweep, *, max_memory_gb: float = DEFAULT_MAX_MEMORY_GB, onl
             point's ``d_in`` disagrees with its cache (before anything trains), or the scheduler
             cannot be reached or ``distributed`` is not installed.
         CacheError: a cache is missing, incomplete, or lacks the hook (before anything trains).
+        SAEWriteError: the disk filled (or the OS refused a write) while a point wrote a checkpoint
+            or its SAE; its group stops, and a rerun resumes its points from their checkpoints.
     """
     if not max_memory_gb > 0:
         raise ConfigError(f"max_memory_gb must be a positive number of GiB, got {max_memory_gb}.")
@@ -459,7 +484,7 @@ def run_sweep(sweep: Sweep, *, max_memory_gb: float = DEFAULT_MAX_MEMORY_GB, onl
     data = _open_streams(points)
     statuses = {p.id: point_status(sweep.folder(p), p.cfg, data[stream_key(p.cfg)].identity) for p in points}
     result = SweepResult(skipped=[p.id for p in points if statuses[p.id].kind == "finished"])
-    todo = [p for p in points if statuses[p.id].kind != "finished"]
+    todo = [_resuming(p, statuses[p.id]) for p in points if statuses[p.id].kind != "finished"]
     result.groups = plan_groups(todo, data, max_memory_gb * GIB)
     _print_plan(sweep, points, statuses, result.groups, max_memory_gb)
     if dry_run:
@@ -472,6 +497,13 @@ def run_sweep(sweep: Sweep, *, max_memory_gb: float = DEFAULT_MAX_MEMORY_GB, onl
     print(f"sweep {sweep.name!r}: {len(result.trained)} trained, {len(result.skipped)} skipped (finished), "
           f"{len(result.failed)} failed; folders under {sweep.output_path}")
     return result
+
+
+def _resuming(point: SweepPoint, status: PointStatus) -> SweepPoint:
+    """``point``, set to resume from ``status.resume_from`` when it names a checkpoint."""
+    if status.resume_from is None:
+        return point
+    return replace(point, cfg=replace(point.cfg, resume_from_checkpoint=status.resume_from))
 
 
 def write_index(sweep: Sweep) -> None:
@@ -574,8 +606,8 @@ def _print_plan(sweep: Sweep, points: list[SweepPoint], statuses: dict[str, Poin
         status = statuses[p.id]
         if status.kind == "finished":
             print(f"  skip {p.id} (finished)")
-        elif status.kind in ("changed", "failed"):
-            print(f"  retrain {p.id} ({status.kind}: {status.detail})")
+        elif status.kind != "new":
+            print(f"  {'continue' if status.resume_from else 'retrain'} {p.id} ({status.kind}: {status.detail})")
     for n, group in enumerate(groups, 1):
         cfg = group.points[0].cfg
         print(f"  group {n}: {len(group.points)} SAEs, ~{group.memory_bytes / GIB:.2f} GiB, up to "
@@ -585,4 +617,5 @@ def _print_plan(sweep: Sweep, points: list[SweepPoint], statuses: dict[str, Poin
             print(f"    note: this point alone needs ~{group.memory_bytes / GIB:.2f} GiB, over the budget; "
                   "it trains by itself (raise --max-memory-gb if it runs out of memory)")
         for p in group.points:
-            print(f"    {p.id} ({statuses[p.id].kind})")
+            resume = f": {statuses[p.id].detail}" if statuses[p.id].resume_from else ""
+            print(f"    {p.id} ({statuses[p.id].kind}{resume})")

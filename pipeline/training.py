@@ -30,7 +30,9 @@ Many SAEs from one pass (:func:`train_group`): SAEs whose configs agree on every
 ``STREAM_FIELDS`` see the same batches, so the loader reads and decompresses each batch once and
 :func:`fit_group` steps every SAE's own :class:`Trainer` on it. A single run (:func:`train`) and
 a group member are set up and saved by the same :func:`start_run` / :func:`finish_run`, and a
-group member ends with exactly the weights its single run would have.
+group member ends with exactly the weights its single run would have. Members may resume from
+checkpoints at different steps: the stream starts at the earliest, and each trainer steps only
+on the batches from its own step on.
 """
 
 from __future__ import annotations
@@ -49,16 +51,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.cache import ActivationCache
-from pipeline.checkpoint import (check_resumable, check_same_cache, checkpoint_folder, list_checkpoints,
-                                 load_checkpoint_state, resolve_checkpoint, save_checkpoint)
+from pipeline.cache import ActivationCache, local_folder
+from pipeline.checkpoint import (checkpoint_folder, list_checkpoints, load_resumable, refused_writes,
+                                 resolve_checkpoint, save_checkpoint)
 from pipeline.config import ARCHITECTURE_FIELDS, TrainConfig
 from pipeline.constants import (METRICS_LOG_FILENAME, SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME,
                                 TRAIN_CONFIG_FILENAME)
 from pipeline.errors import ConfigError, SaePipelineError, TrainingError
 from pipeline.loader import ActivationLoader
 from pipeline.sae import SAE, SAEConfig, TrainStepOutput, get_architecture
-from pipeline.sae.io import atomic_write
+from pipeline.sae.io import atomic_write, log_feature_density
 from pipeline.sae.topk import geometric_median
 from pipeline.tracking import MetricsLogger
 
@@ -125,7 +127,7 @@ class Trainer:
         self.cfg = cfg
         self.logger = logger
         self.on_checkpoint = on_checkpoint
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+        self.optimizer = make_adam(sae, cfg)
         d_sae = sae.cfg.d_sae
         self.state = TrainerState(
             steps_since_fired=torch.zeros(d_sae, dtype=torch.int64),
@@ -367,6 +369,20 @@ class Trainer:
 _MEMORY_ERRORS = (torch.OutOfMemoryError, MemoryError)
 
 
+# Devices whose fused Adam kernel torch 2.13 has: one pass over each parameter instead of foreach's
+# several (on one CPU thread 8 ms instead of 55 ms for a d_in 576, d_sae 4608 SAE's 5.3M parameters).
+FUSED_ADAM_DEVICES = ("cpu", "cuda")
+
+
+def make_adam(sae: SAE, cfg: TrainConfig) -> torch.optim.Adam:
+    """Adam over ``sae``'s parameters with ``cfg.lr`` and betas, fused where the device has the
+    kernel (same update rule as SAELens's ``torch.optim.Adam``; results agree to float rounding)."""
+    fused = torch.device(cfg.device).type in FUSED_ADAM_DEVICES and all(
+        p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) for p in sae.parameters())
+    return torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                            fused=fused or None)
+
+
 def is_point_failure(err: BaseException) -> bool:
     """True for an error that fails one SAE of a group (NaN/Inf loss, out of memory), not the group."""
     if isinstance(err, (TrainingError, *_MEMORY_ERRORS)):
@@ -406,11 +422,18 @@ def fit_group(trainers: list[Trainer], batches: Iterable[torch.Tensor], *, progr
               ) -> dict[int, BaseException]:
     """Feed each batch of ``batches`` to every trainer in turn, each until its own ``total_steps``.
 
-    One stream serves the group: batch ``t`` goes to every trainer still below its ``total_steps``
-    (a trainer with fewer steps sees a prefix of the others' batches). Each trainer steps on its
-    own RNG stream (:func:`own_rng`), so it ends exactly as it would trained alone on the same
-    batches. Trainers are stepped one after another; stacking same-shaped SAEs into batched
-    matrix products would replace only the inner loop.
+    One stream serves the group: ``batches`` are the stream's steps ``s, s+1, ...`` with ``s`` the
+    smallest ``state.step`` among the trainers, and batch ``t`` goes to every trainer whose own
+    ``state.step`` is ``t`` and still below its ``total_steps`` (a trainer resumed at a later step
+    skips the batches it saw before it stopped; one with fewer steps sees a prefix of the others'
+    batches). Each trainer steps on its own RNG stream (:func:`own_rng`), so it ends exactly as it
+    would trained alone on the same batches. Trainers are stepped one after another, each with its
+    own matrix products: stacking same-shaped SAEs into one batched product does not pay on CPU
+    (8 TopK encoders of d_in 576, d_sae 2304 or 4608, batch 4096, one thread: the fastest of 9
+    calls of one ``x @ W_cat`` or ``torch.bmm`` within 3% of 8 separate products; the README's
+    Sweeps section, ``sweep_stacking`` rows of :mod:`pipeline.bench.sweep_speed`), and a product
+    shared across SAEs could not keep a member bit-identical to its single run, since each
+    subtracts its own ``b_dec`` first.
 
     Args:
         trainers: trainers whose configs share ``train_batch_size_tokens`` (one progress bar
@@ -430,10 +453,11 @@ def fit_group(trainers: list[Trainer], batches: Iterable[torch.Tensor], *, progr
     for t in trainers:
         t.start_clock()
     with bar, closing_when_done(batches):
-        for x in batches:
-            active = [i for i, t in enumerate(trainers) if i not in failures and not t.done]
-            if not active:
+        for step, x in enumerate(batches, min(t.state.step for t in trainers)):
+            if all(i in failures or t.done for i, t in enumerate(trainers)):
                 break
+            # only trainers at this step: one resumed ahead of the stream skips the batches it has seen
+            active = [i for i, t in enumerate(trainers) if i not in failures and not t.done and t.state.step == step]
             for i in active:
                 record = _advance_or_fail(trainers[i], x, i, failures, keep_traceback=len(trainers) == 1)
                 if record is not None and len(trainers) == 1:
@@ -552,8 +576,11 @@ class TrainResult:
     state: TrainerState
 
 
-def prepare_output(path: Path, overwrite: bool, cache_path: Path) -> None:
+def prepare_output(path: Path, overwrite: bool, cache_path: str | Path) -> None:
     """Create the SAE folder; with ``overwrite`` replace only an SAE or an unfinished training run.
+
+    ``cache_path`` is a local folder or a URL (:func:`pipeline.cache.local_folder`: only a local
+    cache, ``file://`` URLs included, can overlap the SAE folder).
 
     Raises:
         ConfigError: the path is a file, is or contains the cache, holds an SAE or unfinished run
@@ -561,8 +588,9 @@ def prepare_output(path: Path, overwrite: bool, cache_path: Path) -> None:
     """
     if path.exists() and not path.is_dir():
         raise ConfigError(f"output_path {str(path)!r} is a file; choose a folder path for the SAE.")
-    out, cache = path.resolve(), cache_path.resolve()
-    if out == cache or out in cache.parents or cache in out.parents:
+    out, folder = path.resolve(), local_folder(cache_path)
+    cache = folder.resolve() if folder is not None else None
+    if cache is not None and (out == cache or out in cache.parents or cache in out.parents):
         raise ConfigError(f"output_path {str(path)!r} overlaps the cache {str(cache_path)!r}; choose another folder.")
     if path.is_dir() and any(path.iterdir()):
         is_sae = (path / SAE_CFG_FILENAME).exists()
@@ -684,12 +712,10 @@ def _start_or_resume(cfg: TrainConfig, out: Path, data: TrainingData) -> dict[st
             with a config that differs in a field that shapes the run.
     """
     if cfg.resume_from_checkpoint is None:
-        prepare_output(out, cfg.overwrite, Path(cfg.cache_path))
+        prepare_output(out, cfg.overwrite, cfg.cache_path)
         return None
     folder = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.checkpoint_dir)
-    saved = load_checkpoint_state(folder)
-    check_resumable(saved["config"], cfg.to_dict())
-    check_same_cache(saved.get("cache", {}), data.identity)
+    saved = load_resumable(folder, cfg.to_dict(), data.identity)
     if (out / SAE_CFG_FILENAME).exists():
         if not cfg.overwrite:
             raise ConfigError(
@@ -820,10 +846,16 @@ def start_run(cfg: TrainConfig, data: TrainingData) -> SAERun:
 def finish_run(run: SAERun, elapsed: float) -> TrainResult:
     """Fold the activation scale into the trained SAE and save it in SAELens layout with its log10
     feature densities (``cfg.json`` last, so a folder without it never looks finished);
-    ``elapsed`` (seconds) of training gives ``tokens_per_second``."""
+    ``elapsed`` (seconds) of training gives ``tokens_per_second``.
+
+    Raises:
+        SAEWriteError: the OS refused a write (disk full); the folder has no ``cfg.json`` and the
+            checkpoints are kept to continue from.
+    """
     cfg, state, sae = run.cfg, run.trainer.state, run.trainer.sae
     sae.fold_activation_scale(run.scale)
-    sae.save(run.output_path, sparsity=_log_density(state, cfg.d_sae))
+    with refused_writes("the trained SAE", run.output_path, cfg.checkpoint_dir):
+        sae.save(run.output_path, sparsity=_log_density(state, cfg.d_sae))
     tokens = state.tokens_seen - run.start_step * cfg.train_batch_size_tokens
     return TrainResult(sae, run.output_path, tokens / elapsed if elapsed else 0.0, state)
 
@@ -841,6 +873,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         ConfigError: ``cfg.d_in`` disagrees with the cache, the output folder is not empty, or the
             checkpoint to resume from is missing or from a different config.
         TrainingError: the loss became NaN/Inf.
+        SAEWriteError: the OS refused to write a checkpoint or the SAE (disk full); the checkpoints
+            written before stay complete, to continue from with ``resume_from_checkpoint``.
     """
     cfg.validate()  # configs built in Python skip from_dict's checks
     data = TrainingData(cfg)
@@ -860,17 +894,20 @@ def train_group(cfgs: list[TrainConfig], *, progress: bool = True) -> list[Train
     """Train SAEs that share one batch stream from a single pass of the loader (:func:`fit_group`).
 
     Each SAE is set up and saved as :func:`train` does it (same folder contents) and ends with the
-    weights its single run would have. The loader runs for the longest ``training_tokens`` with the
-    first config's ``num_workers`` and ``prefetch_batches``.
+    weights its single run would have, also when its config carries ``resume_from_checkpoint``: the
+    stream starts at the smallest step the members start from, and a member resumed at a later step
+    joins at its own step (:func:`fit_group`). The loader runs to the longest ``training_tokens``
+    with the first config's ``num_workers`` and ``prefetch_batches``.
 
     Returns:
         Per config, in order: its :class:`TrainResult`, or the error that failed it alone (NaN/Inf
         loss, out of memory, a refused output folder). A failed SAE's folder has no ``cfg.json``.
 
     Raises:
-        ConfigError: the configs differ in a field of ``STREAM_FIELDS``, share an output_path, or
-            one asks to resume (resume a stopped SAE alone with :func:`train`).
+        ConfigError: the configs differ in a field of ``STREAM_FIELDS`` or share an output_path.
         CacheError: the cache is missing, incomplete, or lacks the hook.
+        SAEWriteError: the OS refused to write a checkpoint or a trained SAE (disk full); it stops
+            the whole group, since every member writes to the same disk.
     """
     _check_one_stream(cfgs)
     data = TrainingData(cfgs[0])
@@ -889,8 +926,10 @@ def train_group(cfgs: list[TrainConfig], *, progress: bool = True) -> list[Train
     try:
         if order:
             t0 = time.perf_counter()
-            n_batches = max(cfgs[i].total_steps for i in order)
-            failures = fit_group([runs[i].trainer for i in order], data.batches(n_batches), progress=progress)
+            start = min(runs[i].start_step for i in order)  # resumed members may stand at different steps
+            n_batches = max(cfgs[i].total_steps for i in order) - start
+            failures = fit_group([runs[i].trainer for i in order], data.batches(n_batches, skip=start),
+                                 progress=progress)
             elapsed = time.perf_counter() - t0
     finally:
         for run in runs.values():
@@ -912,9 +951,6 @@ def _check_one_stream(cfgs: list[TrainConfig]) -> None:
                 f"{cfg.output_path!r} and {cfgs[0].output_path!r} differ in {', '.join(diffs)}, which fix the "
                 "batch stream; train them in separate groups."
             )
-        if cfg.resume_from_checkpoint is not None:
-            raise ConfigError(f"{cfg.output_path!r} asks to resume, which a group cannot; resume it alone with "
-                              "`sae-pipeline train --resume`.")
     paths = [str(Path(cfg.output_path).resolve()) for cfg in cfgs]
     if len(set(paths)) != len(paths):
         raise ConfigError("two configs of the group share an output_path; give each SAE its own folder.")
@@ -931,8 +967,9 @@ def _print_group_notes(runs: list[SAERun]) -> None:
 
 
 def _log_density(state: TrainerState, d_sae: int) -> torch.Tensor:
+    """SAELens's ``sparsity`` of the last feature-sampling window (all -10 before the first)."""
     density = state.feature_density if state.feature_density is not None else torch.zeros(d_sae)
-    return torch.log10(density.clamp_min(1e-10))
+    return log_feature_density(density)
 
 
 def _checkpoint(trainer: Trainer, scale: float, cache: dict[str, Any]) -> None:

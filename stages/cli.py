@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("\ninterrupted: what was written is kept. Re-running an interrupted harvest resumes it; "
                    "an interrupted training continues from its last checkpoint with --resume (train with "
                    "--n-checkpoints N to have some) or restarts with --overwrite; re-running an interrupted "
-                   "sweep keeps its finished points and retrains the rest.", err=True)
+                   "sweep keeps its finished points, resumes interrupted ones from their last checkpoint and "
+                   "retrains the rest.", err=True)
         sys.exit(130)
     except click.ClickException as e:
         e.show()

@@ -28,7 +28,7 @@ def _opt(name: str, help: str = "", **kwargs):
 
 @click.command("train")
 @config_options
-@_opt("cache_path", "Harvest folder to train from.")
+@_opt("cache_path", "Harvest folder (or fsspec URL, e.g. s3://bucket/harvest) to train from.")
 @_opt("hook_name", "Cached hook to train on (default: the cache's only hook).")
 @_opt("architecture", "SAE architecture.", type=click.Choice(ARCHITECTURE_NAMES + tuple(ALIASES)))
 @_opt("d_sae", "Number of latents.")

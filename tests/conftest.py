@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -75,3 +78,40 @@ def real_cache(tmp_path_factory, shared_data, smollm2):
                         holdout_tokens=8192, output_path=str(out))
     harvest(cfg, model=smollm2)
     return ActivationCache.open(out)
+
+
+def full_disk_torch_save(monkeypatch, when: str) -> None:
+    """Make ``torch.save`` into an open file whose name contains ``when`` fail as it does on a full
+    disk: half the bytes written, then torch's RuntimeError raised over the OSError(ENOSPC)."""
+    real = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if when not in str(getattr(f, "name", f)):
+            return real(obj, f, *args, **kwargs)
+        buffer = io.BytesIO()
+        real(obj, buffer)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+def full_disk_save_file(monkeypatch, when: str) -> None:
+    """Make safetensors' ``save_file`` (as :mod:`pipeline.sae.io` calls it) into a path containing
+    ``when`` fail as it does on a full disk: a partial file, then an error naming only "os error 28"."""
+    from safetensors import SafetensorError
+
+    import pipeline.sae.io as sae_io
+
+    real = sae_io.save_file
+
+    def save_file(tensors, filename, metadata=None):
+        if when not in str(filename):
+            return real(tensors, filename, metadata=metadata)
+        Path(filename).write_bytes(b"\0" * 8)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(sae_io, "save_file", save_file)

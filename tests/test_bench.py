@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.bench import codecs, suite, training_speed
+from pipeline.bench import codecs, suite, sweep_speed, training_speed
 from pipeline.bench.measure import Row, add_ratios, median_rate
+from pipeline.cache import ActivationCache, array_key
 from pipeline.errors import ConfigError
 
 pytestmark = pytest.mark.slow  # the real_cache fixture harvests SmolLM2-135M
@@ -125,10 +126,56 @@ def test_the_suite_writes_json_and_markdown_and_keeps_going_past_a_failed_case(r
     assert variants == ["d_sae 256", "d_sae 512", "k 8", "k 16"]
     assert saved["machine"]["packages"]["torch"] == torch.__version__ and saved["args"]["quick"] is True
     md = (tmp_path / "bench.md").read_text()
-    assert "## scaling_d_sae" in md and "## scaling_k" in md and "## goals (issue 6)" in md
+    assert "## scaling_d_sae" in md and "## scaling_k" in md and "## goals (issues 4 and 6)" in md
 
 
 def test_unknown_cases_are_refused_with_the_valid_names():
     with pytest.raises(ConfigError, match="train_topk.*codecs"):
         suite.parse_cases("train_topk,codec")
     assert suite.parse_cases("all") == list(suite.CASES)
+
+
+def test_the_counting_store_counts_a_chunks_compressed_bytes_and_its_shard_index(real_cache):
+    hook, lay = real_cache.hook_names[0], real_cache.layout
+    shard_file = real_cache.path / array_key(hook) / "c" / "1" / "0"
+    # the sharding codec's index, read here from the file itself: (offset, nbytes) per chunk, then a CRC-32C
+    index_bytes = 16 * lay.chunks_per_shard + 4
+    raw = shard_file.read_bytes()[-index_bytes:]
+    nbytes = np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)[:, 1]
+    with sweep_speed.counting_cache_reads() as counts:
+        cache = ActivationCache.open(real_cache.path)
+        cache.read_chunk(hook, lay.chunks_per_shard + 1)  # the second chunk of shard 1
+    assert counts[f"{array_key(hook)}/c"] == nbytes[1] + index_bytes
+
+
+def test_sweep_speed_trains_every_point_alike_and_reads_the_cache_once_for_the_group(real_cache, smollm2, tmp_path):
+    bench = sweep_speed.SweepBench(cache=str(real_cache.path), tokens=2000, ks=(8, 16), d_saes=(256,), batch_size=512,
+                                   stacking_repeats=1, workdir=tmp_path)
+    rows = sweep_speed.sweep_rows(bench, model=smollm2)
+    by = {(r.case, r.variant): r for r in rows}
+    methods = ["fused sweep", "sequential train", "SAELens sequential"]
+    assert [r.variant for r in rows if r.case == "sweep"] == methods
+    points = [r for r in rows if r.case == "sweep_points"]
+    assert len(points) == 6 and {r.quality["tokens"] for r in points} == {4 * 512}  # ceil(2000 / 512) batches each
+    fused = [r for r in points if r.variant.startswith("fused")]
+    sequential = [r for r in points if r.variant.startswith("sequential")]
+    for f, s in zip(fused, sequential):
+        assert f.quality["weights_identical_to_sequential"] == 1.0  # a group member ends as its single run
+        assert f.value == s.value and f.quality["l0"] == s.quality["l0"]
+    for r in points:  # TopK keeps k latents per token (ReLU may drop a negative one) and learnt something
+        assert 0.9 * r.config["k"] <= r.quality["l0"] <= r.config["k"] and 0 < r.value < 1, r
+    assert by[("sweep", "sequential train")].value == pytest.approx(sum(by[("sweep", "sequential train")].samples))
+    assert by[("sweep", "fused sweep")].reference == "sequential train"
+    # one pass of the loader serves the group: it reads what each single run reads, once
+    fused_reads = by[("sweep_cache_reads", "fused sweep")]
+    sequential_reads = by[("sweep_cache_reads", "sequential train")]
+    assert fused_reads.samples[0] == sequential_reads.samples[0] == sequential_reads.samples[1] > 0
+    assert fused_reads.quality["activation_bytes_vs_sequential"] == 0.5
+    assert fused_reads.value == pytest.approx(fused_reads.samples[0] / (2 * 4 * 512))
+    goal = {g.name: g for g in suite.goals(rows)}["sweep: cache bytes read, fused / sequential runs"]
+    assert goal.target == 0.5 and goal.met is True
+    memory = by[("sweep_memory", "fused group")]
+    assert memory.reference == "one SAE alone" and memory.quality["estimate_mib"] > 0
+    stacking = [r for r in rows if r.case == "sweep_stacking"]
+    assert [r.variant for r in stacking] == ["separate, d_sae 256", "concatenated, d_sae 256", "bmm, d_sae 256"]
+    assert all(r.value > 0 for r in stacking) and stacking[1].ratio is not None

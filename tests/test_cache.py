@@ -451,3 +451,100 @@ def test_an_unknown_compression_is_refused_naming_the_choices(tmp_path):
 
     with pytest.raises(CacheError, match="lz4, zstd, none.*'gzip'"):
         activation_compressor("gzip")
+
+
+# ------------------------------------------------------------------------------------- caches read by URL
+def test_a_cache_opened_by_file_url_reads_the_chunks_tokens_and_checksums_of_its_folder(id_cache):
+    import google_crc32c
+    from zarr.storage import FsspecStore, LocalStore
+
+    from pipeline.training import cache_identity
+
+    url = id_cache.path.as_uri()
+    assert url.startswith("file:///")
+    remote = ActivationCache.open(url)
+    # the URL is read through fsspec; the folder keeps zarr's local store
+    assert isinstance(remote.group.store, FsspecStore) and isinstance(id_cache.group.store, LocalStore)
+    assert remote.path == url and remote.attrs == id_cache.attrs
+    for i in range(remote.layout.n_chunks):
+        rows = remote.read_chunk(HOOK, i, verify=True)
+        assert torch.equal(rows, id_cache.read_chunk(HOOK, i))
+        assert np.array_equal(rows[:, 0].numpy(), np.arange(64 * i, 64 * (i + 1)))  # id_cache: row r holds r
+        assert remote.recorded_checksum(HOOK, i) == google_crc32c.value(rows.numpy().tobytes())
+    expected_tokens = np.arange(640).reshape(40, 16) % 50 + 10
+    assert np.array_equal(np.asarray(remote.tokens[:]), expected_tokens)
+    assert remote.statistics(HOOK) == id_cache.statistics(HOOK)
+    assert verify(remote, progress=False) == {}
+    assert cache_identity(remote, HOOK) == cache_identity(id_cache, HOOK)
+
+
+def test_a_damaged_chunk_of_a_cache_read_by_url_is_named(tmp_path):
+    acts, tokens = _data(n_seqs=32, d_in=16)
+    write_synthetic_cache(tmp_path / "c", acts, tokens, dtype="float32", chunk_tokens=16, n_holdout_chunks=0)
+    shard = _shard_files(tmp_path / "c")[3]  # chunks 6 and 7
+    data = bytearray(shard.read_bytes())
+    data[40] ^= 0x01
+    shard.write_bytes(bytes(data))
+    url = (tmp_path / "c").as_uri()
+    found = verify(ActivationCache.open(url), progress=False)
+    assert set(found) == {HOOK} and len(found[HOOK]) == 1 and found[HOOK][0] in (6, 7)
+    with pytest.raises(CacheError, match=rf"the cache at '{url}' is damaged: chunk\(s\) \[{found[HOOK][0]}\]"):
+        ActivationCache.open(url).read_chunk(HOOK, found[HOOK][0], verify=True)
+
+
+def test_a_missing_or_unreadable_url_is_refused_naming_it_and_the_fix(tmp_path):
+    import importlib.util
+
+    for url in ((tmp_path / "none").as_uri(), "memory://no-such-cache/c"):
+        with pytest.raises(CacheError, match=rf"no activation cache at '{url}': run `sae-pipeline harvest` first"):
+            ActivationCache.open(url)
+    with pytest.raises(CacheError, match=r"'nosuch://c/d'.*Protocol not known: nosuch.*file://, s3://"):
+        ActivationCache.open("nosuch://c/d")
+    if importlib.util.find_spec("s3fs") is None:
+        with pytest.raises(CacheError, match=r"fsspec backend of 's3' URLs is not installed.*pip install s3fs"):
+            ActivationCache.open("s3://bucket/cache")
+
+
+def test_an_incomplete_cache_read_by_url_is_refused_without_a_lock_check(tmp_path):
+    from pipeline.cache import lock_state, writer_lock
+
+    acts, tokens = _data()
+    url = (tmp_path / "c").as_uri()
+    with writer_lock(tmp_path / "c"):
+        write_synthetic_cache(tmp_path / "c", acts, tokens, chunk_tokens=16, stop_after_chunks=2)
+        assert lock_state(url) == ("none", {})  # a URL is never flock-ed: only the attributes tell
+        with pytest.raises(CacheError, match=r"incomplete \(2/6 chunks written\): its harvest is still running or "
+                                             r"was interrupted \(a cache read by URL has no lock to tell\)"):
+            ActivationCache.open(url)
+    assert ActivationCache.open(url, require_complete=False).n_chunks_written == 2
+
+
+def test_a_harvest_into_a_url_is_refused_before_anything_runs(tmp_path):
+    from pipeline.config import HarvestConfig
+    from pipeline.harvest import harvest
+
+    url = (tmp_path / "c").as_uri()
+    with pytest.raises(CacheError, match=rf"cannot harvest into '{url}': a harvest writes local folders only"):
+        harvest(HarvestConfig(output_path=url))
+    assert not list(tmp_path.iterdir())
+
+
+def test_training_from_a_file_url_gives_the_weights_and_holdout_metrics_of_training_from_the_folder(tmp_path):
+    from pipeline.config import EvalConfig, TrainConfig
+    from pipeline.errors import ConfigError
+    from pipeline.evaluate import evaluate
+    from pipeline.training import train
+    from tests.test_sweep import SMALL, assert_same_sae, low_rank_cache
+
+    cache = low_rank_cache(tmp_path / "cache")
+    url = cache.path.as_uri()
+    for name, cache_path in (("by_path", str(cache.path)), ("by_url", url)):
+        train(TrainConfig(cache_path=cache_path, output_path=str(tmp_path / name), **SMALL), progress=False)
+    assert_same_sae(tmp_path / "by_path", tmp_path / "by_url")
+    # evaluation reads the holdout chunk (256 rows) of the cache the SAE trained on: here its URL
+    by_path, by_url = (evaluate(EvalConfig(sae_path=str(tmp_path / name), ce_loss=False))
+                       for name in ("by_path", "by_url"))
+    assert by_url == by_path and by_url["n_tokens"] == 256
+    # a file:// cache is a local folder: an SAE folder inside it is refused as for its path
+    with pytest.raises(ConfigError, match="overlaps the cache"):
+        train(TrainConfig(cache_path=url, output_path=str(cache.path / "sae"), **SMALL), progress=False)

@@ -76,6 +76,20 @@ def test_an_unreachable_scheduler_is_refused_naming_the_address(tmp_path):
     assert not (sweep.folder(sweep.points[0]) / POINT_FILENAME).exists()
 
 
+def test_a_sweep_reading_its_cache_by_url_trains_on_the_cluster_as_from_the_folder(tmp_path):
+    cache = low_rank_cache(tmp_path / "cache")
+    grid = {"k": [2, 4]}  # one stream: one group, one task
+    local = load_sweep(write_sweep(tmp_path, cache.path, name="local", grid=grid))
+    run_sweep(local, progress=False)
+    remote = load_sweep(write_sweep(tmp_path, cache.path.as_uri(), name="remote", grid=grid))
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster:
+        result = run_sweep(remote, progress=False, scheduler=cluster.scheduler_address)
+    assert len(result.trained) == 2 and not result.failed
+    assert remote.points[0].cfg.cache_path.startswith("file:///")
+    assert_same_sweep(local, remote)
+
+
 # ------------------------------------------------------------------------------------- harvests
 HOOKS = ["blocks.2.hook_resid_post", "blocks.5.hook_resid_post"]
 

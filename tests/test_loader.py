@@ -78,3 +78,28 @@ def test_consumer_can_stop_early_without_hanging(id_cache):
 def test_loader_needs_chunks(id_cache):
     with pytest.raises(ValueError, match="no chunks"):
         ActivationLoader(id_cache, chunk_ids=[])
+
+
+def test_a_cache_copied_to_an_fsspec_memory_filesystem_serves_the_batches_of_its_folder(id_cache):
+    import uuid
+
+    import fsspec
+    from zarr.storage import FsspecStore
+
+    from pipeline.cache import ActivationCache
+
+    memory, root = fsspec.filesystem("memory"), f"/{uuid.uuid4().hex}"
+    memory.put(str(id_cache.path), f"{root}/ids", recursive=True)
+    try:
+        remote = ActivationCache.open(f"memory://{root}/ids")
+        assert isinstance(remote.group.store, FsspecStore)
+        settings = dict(batch_size=32, shuffle_buffer_tokens=128, seed=3, exclude_token_ids=[10, 11], num_workers=2)
+        local_batches = list(ActivationLoader(id_cache, **settings).batches(24))
+        remote_batches = list(ActivationLoader(remote, **settings).batches(24))
+    finally:
+        memory.rm(root, recursive=True)
+    assert all(torch.equal(a, b) for a, b in zip(local_batches, remote_batches, strict=True))
+    # and they are the rows the cache holds: token of row r is r % 50 + 10, ids 10 and 11 left out
+    expected = {r for r in range(512) if r % 50 not in (0, 1)}
+    ids = _ids(remote_batches[: len(expected) // 32])
+    assert set(ids.tolist()) <= expected and len(set(ids.tolist())) == len(ids)

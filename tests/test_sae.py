@@ -313,3 +313,54 @@ def test_registry_and_architecture_checks():
 def test_sparse_latents_to_dense():
     latents = SparseLatents(torch.tensor([[2.0, 0.0]]), torch.tensor([[3, 1]]), d_sae=4)
     assert torch.equal(latents.to_dense(), torch.tensor([[0.0, 0.0, 0.0, 2.0]]))
+
+
+def _standard_step(sae, x, coefficient):
+    for p in sae.parameters():
+        p.grad = None
+    out = sae.training_loss(x, sparsity_coefficient=coefficient)
+    out.loss.backward()
+    return out, {name: p.grad.clone() for name, p in sae.named_parameters()}
+
+
+@pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
+def test_standard_sparse_step_matches_the_dense_graph(monkeypatch, apply_b_dec_to_input):
+    import pipeline.sae.sparse as sparse_kernels
+    import pipeline.sae.standard as standard
+
+    torch.manual_seed(5)
+    sae = StandardSAE(SAEConfig("standard", d_in=16, d_sae=64, dtype="float64",
+                                apply_b_dec_to_input=apply_b_dec_to_input))
+    x = torch.randn(48, 16, dtype=torch.float64)
+    with torch.no_grad():  # about 1 latent in 50 active: the sparse path's regime
+        sae.b_dec.normal_(std=0.1)
+        sae.b_enc.sub_(sae.hidden_pre(x).quantile(0.98))
+    calls = []
+    monkeypatch.setattr(standard, "decode_active", lambda *a: calls.append(1) or sparse_kernels.decode_active(*a))
+    sparse, g_sparse = _standard_step(sae, x, 3.0)
+    assert calls, "the step did not take the sparse path"
+    sae.use_sparse_kernels = False
+    dense, g_dense = _standard_step(sae, x, 3.0)
+    assert len(calls) == 1
+    assert 0 < (dense.feature_acts > 0).double().mean() <= standard.SPARSE_MAX_DENSITY
+    for field in ("loss", "mse_loss", "sparsity_loss"):
+        assert torch.allclose(getattr(sparse, field), getattr(dense, field), rtol=1e-12), field
+    assert torch.equal(sparse.feature_acts, dense.feature_acts)
+    assert torch.allclose(sparse.sae_out, dense.sae_out, rtol=1e-12)
+    for name in g_dense:
+        assert torch.allclose(g_sparse[name], g_dense[name], rtol=1e-10, atol=1e-14), name
+
+
+def test_standard_dense_batches_and_ghost_grads_stay_on_the_dense_graph(monkeypatch):
+    import pipeline.sae.standard as standard
+
+    monkeypatch.setattr(standard, "decode_active", lambda *a: pytest.fail("sparse path taken"))
+    torch.manual_seed(6)
+    x = torch.randn(32, 16)
+    dense_batch = StandardSAE(SAEConfig("standard", d_in=16, d_sae=64))  # b_enc 0: about half active
+    assert (dense_batch.encode(x) > 0).float().mean() > standard.SPARSE_MAX_DENSITY
+    _standard_step(dense_batch, x, 1.0)
+    ghost = StandardSAE(SAEConfig("standard", d_in=16, d_sae=64, use_ghost_grads=True))
+    with torch.no_grad():
+        ghost.b_enc.fill_(-5.0)
+    _standard_step(ghost, x, 1.0)

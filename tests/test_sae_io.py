@@ -213,3 +213,19 @@ def test_all_ones_scaling_factor_is_dropped_and_others_refused(tmp_path):
     save_file({**state, "scaling_factor": torch.full((16,), 2.0)}, str(folder / "sae_weights.safetensors"))
     with pytest.raises(SAEFormatError, match="scaling_factor that is not all ones"):
         SAE.load(folder)
+
+
+def test_a_failed_atomic_write_leaves_neither_a_file_nor_its_temporary(tmp_path):
+    from pipeline.sae.io import atomic_write
+
+    target = tmp_path / "cfg.json"
+
+    def half_then_full_disk(path):
+        path.write_text('{"d_in": 5')
+        raise OSError(28, "No space left on device", str(path))
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(target, half_then_full_disk)
+    assert list(tmp_path.iterdir()) == []
+    atomic_write(target, lambda path: path.write_text("{}"))
+    assert [p.name for p in tmp_path.iterdir()] == ["cfg.json"] and target.read_text() == "{}"

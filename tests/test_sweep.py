@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -17,11 +18,12 @@ from safetensors.torch import load_file
 
 from pipeline.config import TrainConfig
 from pipeline.constants import METRICS_LOG_FILENAME, SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME
-from pipeline.errors import ConfigError
+from pipeline.checkpoint import STATE_FILENAME, list_checkpoints
+from pipeline.errors import ConfigError, SAEWriteError
 from pipeline.sweep import (GIB, POINT_FILENAME, load_sweep, point_status, read_point_record, run_sweep,
                             sae_memory_bytes, stream_memory_bytes)
 from pipeline.training import TrainResult, train, train_group
-from tests.conftest import write_synthetic_cache
+from tests.conftest import full_disk_torch_save, write_synthetic_cache
 
 # 20 steps of 128 tokens on a 2,048-token cache: a sweep point trains in well under a second.
 SMALL = dict(d_sae=32, k=4, lr=3e-3, train_batch_size_tokens=128, training_tokens=128 * 20,
@@ -155,6 +157,40 @@ def test_a_fused_group_ends_with_exactly_the_weights_of_single_runs(tmp_path):
         alone = tmp_path / "single" / str(i)
         train(replace(cfg, output_path=str(alone)), progress=False)
         assert_same_sae(tmp_path / "group" / str(i), alone)
+
+
+def stop_at(folder, step):
+    """Leave ``folder`` as a run killed after its checkpoint at ``step``: no SAE, no later checkpoint
+    (its log still runs past ``step``, as a killed run's does)."""
+    for ckpt in list_checkpoints(folder / "checkpoints"):
+        if int(ckpt.name.removeprefix("step_")) > step:
+            shutil.rmtree(ckpt)
+    for name in (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME):
+        (folder / name).unlink()
+
+
+def test_a_group_resumes_members_stopped_at_different_steps_to_the_uninterrupted_weights(tmp_path):
+    cache = low_rank_cache(tmp_path / "cache")
+    points = [{"k": 1, "d_sae": 256, **RESAMPLING, "n_checkpoints": 4},  # stopped at step 15 of 20
+              {"k": 4, "n_checkpoints": 2},                             # at step 10 of 20
+              {"k": 8, "training_tokens": 128 * 12, "n_checkpoints": 4},  # at step 9 of 12
+              {"architecture": "standard", "l1_coefficient": 0.5}]      # from scratch
+
+    def cfgs(root):
+        return [TrainConfig(**{**SMALL, **p, "cache_path": str(cache.path), "output_path": str(tmp_path / root / str(i))})
+                for i, p in enumerate(points)]
+
+    train_group(cfgs("full"), progress=False)
+    shutil.copytree(tmp_path / "full", tmp_path / "stopped")
+    for i, step in ((0, 15), (1, 10), (2, 9)):
+        stop_at(tmp_path / "stopped" / str(i), step)
+    shutil.rmtree(tmp_path / "stopped" / "3")
+    resumed = [replace(c, resume_from_checkpoint="latest") if i < 3 else c for i, c in enumerate(cfgs("stopped"))]
+    outcomes = train_group(resumed, progress=False)
+    assert all(isinstance(o, TrainResult) for o in outcomes), outcomes
+    assert [o.state.step for o in outcomes] == [20, 20, 12, 20]
+    for i in range(len(points)):
+        assert_same_sae(tmp_path / "full" / str(i), tmp_path / "stopped" / str(i))
 
 
 def test_a_group_reads_each_chunk_as_often_as_one_single_run(tmp_path, monkeypatch):
@@ -348,6 +384,54 @@ def test_an_interrupted_point_is_retrained(tmp_path):
     (folder / POINT_FILENAME).unlink()  # killed after saving the SAE, before recording the outcome
     assert point_status(folder, sweep.points[0].cfg, {}).kind == "unfinished"
     assert run_sweep(sweep, progress=False).trained == [sweep.points[0].id]
+
+
+def test_a_sweep_stopped_by_a_full_disk_resumes_each_point_from_its_checkpoint(tmp_path, capsys):
+    cache = low_rank_cache(tmp_path / "cache")
+    points = [{"k": 2, "n_checkpoints": 4}, {"k": 4, "n_checkpoints": 2}, {"k": 8}]
+    reference = load_sweep(write_sweep(tmp_path, cache.path, name="ref", points=points))
+    run_sweep(reference, progress=False)
+    path = write_sweep(tmp_path, cache.path, points=points)
+    sweep = load_sweep(path)
+    k2, k4, k8 = sweep.points
+    # one group; after step 20 k2 writes its checkpoint, then the disk fills as k4 writes its own
+    with pytest.MonkeyPatch.context() as mp:
+        full_disk_torch_save(mp, f"{k4.id}/checkpoints/.step_000000020.tmp")
+        with pytest.raises(SAEWriteError) as err:
+            run_sweep(sweep, progress=False)
+    message = str(err.value)
+    k4_checkpoints = sweep.folder(k4) / "checkpoints"
+    assert message.startswith(f"cannot write checkpoint step_000000020 to {k4_checkpoints / 'step_000000020'}, "
+                              "the disk is full: ")
+    assert f"The last complete checkpoint, {k4_checkpoints / 'step_000000010'}, is kept." in message
+    assert message.endswith("or the same `sae-pipeline sweep` command (it resumes interrupted points).")
+    identity = read_point_record(reference.folder(k4))["cache"]
+    statuses = [point_status(sweep.folder(p), p.cfg, identity) for p in sweep.points]
+    assert [(s.kind, s.detail) for s in statuses] == [("unfinished", "resume from step 20 of 20"),
+                                                      ("unfinished", "resume from step 10 of 20"),
+                                                      ("unfinished", "from scratch, no checkpoint")]
+    # a changed config, other activations or a damaged checkpoint: from scratch, saying why
+    changed = point_status(sweep.folder(k4), replace(k4.cfg, lr=1e-3), identity)
+    other_cache = point_status(sweep.folder(k4), k4.cfg, {**identity, "tokens_sha256": "0"})
+    shutil.copytree(sweep.folder(k4), tmp_path / "damaged")
+    state = tmp_path / "damaged" / "checkpoints" / "step_000000010" / STATE_FILENAME
+    state.write_bytes(state.read_bytes()[:40])
+    damaged = point_status(tmp_path / "damaged", replace(k4.cfg, output_path=str(tmp_path / "damaged")), identity)
+    for status, why in ((changed, "lr: checkpoint 0.003, now 0.001"), (other_cache, "cache at cache_path differs"),
+                        (damaged, "cannot be read")):
+        assert status.resume_from is None and status.detail.startswith("from scratch, its latest checkpoint cannot "
+                                                                       "be resumed: ") and why in status.detail
+    # space is back: the same command resumes k2 and k4 and retrains k8, all ending as uninterrupted
+    capsys.readouterr()
+    result = run_sweep(load_sweep(path), progress=False)
+    out = capsys.readouterr().out
+    assert f"continue {k2.id} (unfinished: resume from step 20 of 20)" in out
+    assert f"continue {k4.id} (unfinished: resume from step 10 of 20)" in out
+    assert f"retrain {k8.id} (unfinished: from scratch, no checkpoint)" in out
+    assert f"{k4.id} (unfinished: resume from step 10 of 20)" in out.split("group 1:")[1]
+    assert result.trained == [k2.id, k4.id, k8.id] and len(result.groups) == 1
+    for point, ref in zip(sweep.points, reference.points):
+        assert_same_sae(sweep.folder(point), reference.folder(ref))
 
 
 # ------------------------------------------------------------------------------------- grouping

@@ -351,3 +351,41 @@ def test_bad_values_are_refused_before_overwrite_deletes_anything(tmp_path):
         with pytest.raises(ConfigError):
             train(_small_cfg(cache, tmp_path, "keep", overwrite=True, **bad), progress=False)
     assert (tmp_path / "keep" / "sae_weights.safetensors").exists()
+
+
+@pytest.mark.parametrize("where", ["checkpoint state", "checkpoint weights", "final SAE"])
+def test_a_full_disk_names_the_path_keeps_the_last_checkpoint_and_resumes_from_it(tmp_path, monkeypatch, where):
+    from pipeline.checkpoint import list_checkpoints
+    from pipeline.errors import SAEWriteError
+    from tests.conftest import full_disk_save_file, full_disk_torch_save
+
+    cache, _ = _low_rank_cache(tmp_path)
+    run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    if where == "checkpoint state":  # checkpoints at steps 10, 20, 30, 40: the disk fills writing step 20
+        full_disk_torch_save(monkeypatch, ".step_000000020.tmp")
+    elif where == "checkpoint weights":
+        full_disk_save_file(monkeypatch, ".step_000000020.tmp")
+    else:
+        full_disk_save_file(monkeypatch, str(run / ".sae_weights"))
+    with pytest.raises(SAEWriteError) as err:
+        train(_small_cfg(cache, tmp_path, "run", n_checkpoints=4), progress=False)
+    final = where == "final SAE"
+    kept = [10, 20, 30, 40] if final else [10]
+    target, what = (run, "the trained SAE") if final else (ckpts / "step_000000020", "checkpoint step_000000020")
+    message = str(err.value)
+    assert message.startswith(f"cannot write {what} to {target}, the disk is full: No space left on device (ENOSPC")
+    assert "free on that filesystem. Nothing half-written reads as complete." in message
+    assert message.endswith(f"The last complete checkpoint, {ckpts / f'step_{kept[-1]:09d}'}, is kept. Fix: free "
+                            "space on that filesystem, then continue from it: rerun the same `sae-pipeline train` "
+                            "command with --resume, or the same `sae-pipeline sweep` command (it resumes "
+                            "interrupted points).")
+    # the half-written checkpoint is gone, not merely hidden; the SAE folder does not read as finished
+    names = [f"step_{s:09d}" for s in kept]
+    assert [p.name for p in list_checkpoints(ckpts)] == names and sorted(p.name for p in ckpts.iterdir()) == names
+    assert not (run / SAE_CFG_FILENAME).exists()
+    # space is back: resuming from the kept checkpoint ends exactly where an uninterrupted run does
+    monkeypatch.undo()
+    train(_small_cfg(cache, tmp_path, "run", n_checkpoints=4, resume_from_checkpoint="latest"), progress=False)
+    train(_small_cfg(cache, tmp_path, "clean", n_checkpoints=4), progress=False)
+    resumed, clean = _weights(run), _weights(tmp_path / "clean")
+    assert resumed.keys() == clean.keys() and all(torch.equal(resumed[k], clean[k]) for k in clean)

@@ -157,54 +157,73 @@ def _ours_row(variant: str, cfg: HarvestConfig, model, tokens: np.ndarray, out: 
 
 
 def _saelens_row(model, tokens: np.ndarray, cfg: HarvestConfig, out: Path, run: dict) -> Row:
-    """SAELens 6.54.12's ``CacheActivationsRunner`` over the same rows, on our loaded model, fp32.
-
-    Its runner loads the model itself by name (TransformerLens ``HookedTransformer`` names only, and
-    online), so its ``load_model`` is replaced by one that returns ``model``; everything else is its
-    own code. The rows are its pre-tokenized ``input_ids`` dataset, passed as ``override_dataset``.
-    The buffers are sized to cover the rows exactly: it writes whole buffers and silently wraps
-    around the dataset to fill one (its default 2 GB buffer is 868K fp32 tokens of this model).
-    """
-    from datasets import Dataset
-    from sae_lens.cache_activations_runner import CacheActivationsRunner
-    from sae_lens.config import CacheActivationsRunnerConfig
-
-    hook = cfg.hook_names[0]
-    d_in = models.d_in_of(model, hook)
-    bytes_per_token = d_in * 4
-    n_batches = tokens.shape[0] // cfg.store_batch_size_prompts
-    fewest = math.ceil(tokens.size * bytes_per_token / SAELENS_MAX_BUFFER_BYTES)
-    n_buffers = next(k for k in range(fewest, n_batches + 1) if n_batches % k == 0)
-    buffer_tokens = tokens.size // n_buffers
-    settings = {"model_batch_size": cfg.store_batch_size_prompts, "context_size": cfg.context_size,
-                "hook_name": hook, "d_in": d_in, "training_tokens": tokens.size, "dtype": "float32",
-                "device": "cpu", "prepend_bos": False, "shuffle": False, "streaming": False,
-                # half a token of slack: the runner floors buffer_size_gb * 1e9 / bytes_per_token
-                "buffer_size_gb": (buffer_tokens + 0.5) * bytes_per_token / 1e9}
+    """SAELens 6.54.12's ``CacheActivationsRunner`` over the same rows, on our loaded model, fp32
+    (:func:`saelens_cache`)."""
     loop_rates: list[float] = []
+    settings: dict[str, Any] = {}
 
     def once() -> int:
-        shutil.rmtree(out, ignore_errors=True)  # it refuses a non-empty output folder
-        runner_cfg = CacheActivationsRunnerConfig(dataset_path=str(cfg.dataset_path), model_name=cfg.model_name,
-                                                  new_cached_activations_path=str(out), **settings)
-        dataset = Dataset.from_dict({"input_ids": tokens.tolist()})
-        with mock.patch("sae_lens.cache_activations_runner.load_model", lambda **_: model), \
-                warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # it warns that 'samples' (rows) < training tokens
-            runner = CacheActivationsRunner(runner_cfg, override_dataset=dataset)
-            t0 = time.perf_counter()
-            stored = runner.run()
-            loop_rates.append(tokens.size / (time.perf_counter() - t0))
-        if stored.num_rows != tokens.shape[0] or not np.array_equal(np.asarray(stored["token_ids"]), tokens):
-            raise RuntimeError("SAELens stored other token rows than the benchmark's.")
+        seconds, used = saelens_cache(model, tokens, out, hook=cfg.hook_names[0], model_name=cfg.model_name,
+                                      dataset_path=str(cfg.dataset_path), batch_prompts=cfg.store_batch_size_prompts)
+        loop_rates.append(tokens.size / seconds)
+        settings.update(used)
         return tokens.size
 
     end_to_end, _ = median_rate(once, repeats=run["repeats"], warmup=run["warmup"])
     samples = loop_rates[-run["repeats"]:]
     quality = {"end_to_end_tokens_per_second": end_to_end, "bytes_per_token": folder_bytes(out) / tokens.size}
-    config = {**settings, "version": importlib.metadata.version("sae-lens"), "n_buffers": n_buffers,
-              "model": cfg.model_name, "dataset_path": str(cfg.dataset_path), **run}
+    config = {**settings, "version": importlib.metadata.version("sae-lens"), "model": cfg.model_name,
+              "dataset_path": str(cfg.dataset_path), **run}
     return Row("harvest", "SAELens", statistics.median(samples), "tokens/s", samples, quality, config)
+
+
+def saelens_cache(model, tokens: np.ndarray, out: Path, *, hook: str, model_name: str, dataset_path: str,
+                  batch_prompts: int) -> tuple[float, dict[str, Any]]:
+    """Cache the activations of ``tokens`` ``[n_seqs, context_size]`` at ``hook`` with SAELens
+    6.54.12's ``CacheActivationsRunner`` into ``out`` (emptied first), float32 and in row order.
+
+    Its runner loads the model itself by name (TransformerLens ``HookedTransformer`` names only, and
+    online), so its ``load_model`` is replaced by one that returns ``model``; everything else is its
+    own code. The rows are its pre-tokenized ``input_ids`` dataset, passed as ``override_dataset``,
+    in forward batches of ``batch_prompts`` rows (``n_seqs`` must be a multiple). The buffers are
+    sized to cover the rows exactly: it writes whole buffers and silently wraps around the dataset
+    to fill one (its default 2 GB buffer is 868K fp32 tokens of SmolLM2-135M). ``dataset_path`` and
+    ``model_name`` are only recorded in its config.
+
+    Returns:
+        ``(seconds of runner.run(): forward, shard writes, consolidation; the runner's settings)``.
+
+    Raises:
+        RuntimeError: SAELens stored other token rows than ``tokens``.
+    """
+    from datasets import Dataset
+    from sae_lens.cache_activations_runner import CacheActivationsRunner
+    from sae_lens.config import CacheActivationsRunnerConfig
+
+    d_in = models.d_in_of(model, hook)
+    bytes_per_token = d_in * 4
+    n_batches = tokens.shape[0] // batch_prompts
+    fewest = math.ceil(tokens.size * bytes_per_token / SAELENS_MAX_BUFFER_BYTES)
+    n_buffers = next(k for k in range(fewest, n_batches + 1) if n_batches % k == 0)
+    buffer_tokens = tokens.size // n_buffers
+    settings = {"model_batch_size": batch_prompts, "context_size": tokens.shape[1], "hook_name": hook, "d_in": d_in,
+                "training_tokens": tokens.size, "dtype": "float32", "device": "cpu", "prepend_bos": False,
+                "shuffle": False, "streaming": False,
+                # half a token of slack: the runner floors buffer_size_gb * 1e9 / bytes_per_token
+                "buffer_size_gb": (buffer_tokens + 0.5) * bytes_per_token / 1e9}
+    shutil.rmtree(out, ignore_errors=True)  # it refuses a non-empty output folder
+    runner_cfg = CacheActivationsRunnerConfig(dataset_path=dataset_path, model_name=model_name,
+                                              new_cached_activations_path=str(out), **settings)
+    dataset = Dataset.from_dict({"input_ids": tokens.tolist()})
+    with mock.patch("sae_lens.cache_activations_runner.load_model", lambda **_: model), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it warns that 'samples' (rows) < training tokens
+        runner = CacheActivationsRunner(runner_cfg, override_dataset=dataset)
+        t0 = time.perf_counter()
+        stored = runner.run()
+        seconds = time.perf_counter() - t0
+    if stored.num_rows != tokens.shape[0] or not np.array_equal(np.asarray(stored["token_ids"]), tokens):
+        raise RuntimeError("SAELens stored other token rows than the benchmark's.")
+    return seconds, {**settings, "n_buffers": n_buffers}
 
 
 def _hooks_rows(cfg: HarvestConfig, model, tokens: np.ndarray, workdir: Path, one_hook: Row, run: dict) -> list[Row]:

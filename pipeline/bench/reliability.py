@@ -1,8 +1,13 @@
 """SIGKILL trials: kill a harvest or a training run at random moments, resume it, and check that
 nothing was lost. Writes the figures to ``RELIABILITY.md``.
 
-    python -m pipeline.bench.reliability [--harvest-trials 20] [--train-trials 10] [--seed 0]
-        [--workdir data/bench/reliability] [--out RELIABILITY.md]
+    python -m pipeline.bench.reliability [--harvest-trials 20] [--train-trials 5] [--sweep-trials 5]
+        [--disk-full-trials 10] [--only KIND ...] [--seed 0] [--workdir data/bench/reliability]
+        [--out RELIABILITY.md]
+
+``--only sweep`` (repeatable; kinds: harvest, train, sweep, disk_full) runs those kinds alone and
+keeps the other kinds' trials from the last run's ``<workdir>/reliability.json``; each kind draws
+from its own random stream (seeded by ``--seed`` and the kind), as in a full run.
 
 Each trial runs the real CLI (``python -m stages ...``) in a child process, sends it SIGKILL after
 a random delay (uniform over the reference run's wall time, so kills land during model loading,
@@ -16,6 +21,10 @@ chunk writes, metadata updates, training steps and checkpoint writes alike), the
   re-runs with ``--resume`` (or, when killed before the first checkpoint, from scratch with
   ``--overwrite``), and compares the final ``sae_weights.safetensors`` tensors with an
   uninterrupted run: they must be bit-identical.
+* **sweep**: kills a ``sae-pipeline sweep --no-report`` of two TopK points trained as one fused
+  group (8 checkpoints each), checks that every checkpoint and every saved SAE of every point
+  loads, re-runs the same command (it resumes the interrupted points from their latest
+  checkpoints), and compares every point's final weights with an uninterrupted sweep's.
 
 * **disk full**: runs the same harvest in this process with the disk "filling up" at a random
   file write (uniform over every write of an uninterrupted harvest, so it lands while the cache is
@@ -52,17 +61,20 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import trange
 
+from pipeline.bench.sweep_memory import existing_block
 from pipeline.cache import ActivationCache, lock_path, verify
 from pipeline.checkpoint import STATE_FILENAME, list_checkpoints
 from pipeline.constants import CHECKSUMS_GROUP, SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from pipeline.errors import CacheError
 from pipeline.sae import SAE
+from pipeline.sweep import read_index
 
 HOOK = "blocks.0.hook_resid_post"
+HARVEST_TOKENS = 8192  # the trials' harvests: 16 chunks of 512 tokens
 
 
 # The fault each kind of trial injects, as RELIABILITY.md names it.
-FAULTS = {"harvest": "SIGKILL during harvest", "train": "SIGKILL during train",
+FAULTS = {"harvest": "SIGKILL during harvest", "train": "SIGKILL during train", "sweep": "SIGKILL during sweep",
           "disk_full": "disk full during harvest"}
 
 
@@ -147,7 +159,7 @@ def _harvest_state(path: Path, reference: dict[str, Any]) -> tuple[str, bool]:
 
 
 def run_harvest_trials(n: int, workdir: Path, shared_data: Path, rng: random.Random,
-                       n_tokens: int = 8192) -> list[Trial]:
+                       n_tokens: int = HARVEST_TOKENS) -> list[Trial]:
     """``n`` harvest kills (plus one uninterrupted reference harvest, kept at ``workdir/harvest_reference``)."""
     def command(out: Path) -> list[str]:
         return harvest_command(shared_data, out, n_tokens)
@@ -232,7 +244,7 @@ def harvest_config(shared_data: Path, out: Path, n_tokens: int):
                          chunk_tokens=512, chunks_per_shard=2, output_path=str(out))
 
 
-def run_disk_full_trials(n: int, workdir: Path, shared_data: Path, rng: random.Random, n_tokens: int = 8192,
+def run_disk_full_trials(n: int, workdir: Path, shared_data: Path, rng: random.Random, n_tokens: int = HARVEST_TOKENS,
                          model: Any = None) -> list[Trial]:
     """``n`` harvests whose disk fills at a random write, each re-run once the space is back (see the
     module docstring); one uninterrupted reference harvest is kept at ``workdir/disk_full_reference``."""
@@ -328,6 +340,52 @@ def run_train_trials(n: int, workdir: Path, cache: Path, rng: random.Random) -> 
                         _train_state, rerun)
 
 
+# --------------------------------------------------------------------------------------- sweep
+def sweep_command(cache: Path, out: Path) -> list[str]:
+    """The sweep of a trial (its file written beside ``out``): TopK k 16 and 32 at d_sae 1024, one
+    fused group of 64 batches of 1024 tokens, 8 checkpoints per point."""
+    config = out.with_name(f"{out.name}.yaml")
+    config.write_text(json.dumps({  # JSON is YAML
+        "output_path": str(out), "grid": {"k": [16, 32]},
+        "base": {"cache_path": str(cache), "architecture": "topk", "d_sae": 1024, "training_tokens": 65536,
+                 "train_batch_size_tokens": 1024, "n_checkpoints": 8, "seed": 0}}))
+    return _cli("sweep", "--config", str(config), "--no-report")
+
+
+def sweep_weights(out: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Every point's final weights, by point id (``sweep.json`` lists the points)."""
+    return {point["id"]: weights(out / point["id"]) for point in read_index(out)["points"]}
+
+
+def same_sweep(a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, torch.Tensor]]) -> bool:
+    return a.keys() == b.keys() and all(same_weights(a[k], b[k]) for k in a)
+
+
+def _sweep_state(out: Path, reference: dict[str, Any]) -> tuple[str, bool]:
+    """("2/2 points with checkpoints (steps 40, 32), 1 SAE saved", valid) of a killed sweep. Valid:
+    every checkpoint and every saved SAE of every point loads (:func:`_train_state`)."""
+    folders = [out / pid for pid in reference if (out / pid).is_dir()]
+    if not folders:
+        return "nothing written", True
+    latest = [found[-1].name for f in folders if (found := list_checkpoints(f / "checkpoints"))]
+    state = f"{len(latest)}/{len(reference)} points with checkpoints"
+    if latest:
+        state += f" (steps {', '.join(str(int(name.removeprefix('step_'))) for name in latest)})"
+    saved = sum((f / SAE_CFG_FILENAME).exists() for f in folders)
+    if saved:
+        state += f", {saved} SAE{'s' * (saved != 1)} saved"
+    return state, all(_train_state(f, None)[1] for f in folders)
+
+
+def run_sweep_trials(n: int, workdir: Path, cache: Path, rng: random.Random) -> list[Trial]:
+    """``n`` sweep kills on ``cache`` (plus one uninterrupted reference sweep), each re-run with the
+    same command."""
+    def command(out: Path) -> list[str]:
+        return sweep_command(cache, out)
+
+    return _kill_trials("sweep", n, workdir, rng, command, sweep_weights, same_sweep, _sweep_state, command)
+
+
 # ---------------------------------------------------------------------------------------- report
 def summary_rows(trials: list[Trial]) -> list[dict[str, Any]]:
     rows = []
@@ -369,24 +427,59 @@ def _clear(path: Path) -> None:
     lock_path(path).unlink(missing_ok=True)
 
 
+def _reference_harvest(work: Path, shared_data: Path) -> Path:
+    """The uninterrupted harvest the train and sweep trials read: the harvest trials' reference,
+    harvested here when they did not run."""
+    path = work / "harvest_reference"
+    try:
+        ActivationCache.open(path)
+    except CacheError:
+        _clear(path)
+        _run(harvest_command(shared_data, path, HARVEST_TOKENS))
+    return path
+
+
+def _previous_trials(work: Path) -> list[Trial]:
+    """The trials of the last run (``<work>/reliability.json``), or none."""
+    path = work / "reliability.json"
+    return [Trial(**t) for t in json.loads(path.read_text())] if path.is_file() else []
+
+
+def run_trials(kind: str, n: int, work: Path, shared_data: Path, seed: int) -> list[Trial]:
+    """``n`` trials of ``kind`` (a key of ``FAULTS``), on the random stream of ``seed`` and ``kind``."""
+    rng = random.Random(f"{seed}:{kind}")
+    if kind == "harvest":
+        return run_harvest_trials(n, work, shared_data, rng)
+    if kind == "disk_full":
+        return run_disk_full_trials(n, work, shared_data, rng)
+    run = run_train_trials if kind == "train" else run_sweep_trials
+    return run(n, work, _reference_harvest(work, shared_data), rng)
+
+
 @click.command()
 @click.option("--harvest-trials", default=20, show_default=True, type=int)
 @click.option("--train-trials", default=5, show_default=True, type=int)
+@click.option("--sweep-trials", default=5, show_default=True, type=int)
 @click.option("--disk-full-trials", default=10, show_default=True, type=int)
+@click.option("--only", multiple=True, type=click.Choice(list(FAULTS)),
+              help="Run only these kinds (repeatable); keep the others' trials from <workdir>/reliability.json.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--shared-data", default="../shared/data", show_default=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--workdir", default="data/bench/reliability", show_default=True)
 @click.option("--out", default="RELIABILITY.md", show_default=True)
-def main(harvest_trials: int, train_trials: int, disk_full_trials: int, seed: int, shared_data: str, workdir: str,
-         out: str) -> None:
-    rng = random.Random(seed)
+def main(harvest_trials: int, train_trials: int, sweep_trials: int, disk_full_trials: int, only: tuple[str, ...],
+         seed: int, shared_data: str, workdir: str, out: str) -> None:
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
-    trials = run_harvest_trials(harvest_trials, work, Path(shared_data), rng)
-    # the training trials read the reference harvest the harvest trials leave behind
-    trials += run_train_trials(train_trials, work, work / "harvest_reference", rng)
-    trials += run_disk_full_trials(disk_full_trials, work, Path(shared_data), rng)
-    Path(out).write_text(markdown(trials, seed))
+    counts = {"harvest": harvest_trials, "train": train_trials, "sweep": sweep_trials, "disk_full": disk_full_trials}
+    kinds = only or tuple(FAULTS)
+    trials = [t for t in _previous_trials(work) if t.kind not in kinds]
+    for kind in kinds:
+        trials += run_trials(kind, counts[kind], work, Path(shared_data), seed)
+    trials.sort(key=lambda t: list(FAULTS).index(t.kind))  # stable: each kind keeps its trial order
+    previous = Path(out).read_text() if Path(out).exists() else ""
+    block = existing_block(previous)  # the load curve of pipeline.bench.sweep_memory stays
+    Path(out).write_text(markdown(trials, seed) + ("\n" + block if block else ""))
     (work / "reliability.json").write_text(json.dumps([t.__dict__ for t in trials], indent=2))
     for row in summary_rows(trials):
         click.echo(row)

@@ -13,10 +13,14 @@ Cases (``--cases``, comma-separated; all by default):
                 hooks 1 → 4 (:mod:`pipeline.bench.harvest_speed`)
 ``memory``      peak resident memory of training on 200K- and 2M-token caches, and of harvests
                 (:mod:`pipeline.bench.memory`)
+``sweep``       8 TopK SAEs (k 16 → 128 × d_sae 2304, 4608) as one fused sweep, as 8 ``train`` runs
+                in turn and as 8 SAELens runs from its own cache: wall time, held-out EV and L0
+                per point, cache bytes read, peak memory, stacked encoder products
+                (:mod:`pipeline.bench.sweep_speed`)
 =============== =================================================================================
 
 Writes ``bench.json`` (the machine, package versions, arguments, every row with its samples and
-exact config, the goals of issue 6 with their measured values) and ``bench.md`` (the same as
+exact config, the goals of issues 4 and 6 with their measured values) and ``bench.md`` (the same as
 tables) to ``--out``, and prints the tables. ``--quick`` runs every case at a tiny size to check the
 machinery (its figures mean nothing). Ratios are what to compare: the machines are shared and noisy.
 """
@@ -54,16 +58,18 @@ class Sizes:
     scaling_steps: int = 40
     d_saes: tuple[int, ...] = (2304, 4608, 9216)
     ks: tuple[int, ...] = (16, 32, 64, 128)
+    sweep_tokens: int = 100_000
+    sweep_d_saes: tuple[int, ...] = (2304, 4608)
 
     @classmethod
     def quick(cls) -> "Sizes":
         return cls(steps=6, warmup_steps=2, block_steps=2, n_train_tokens=1024, n_holdout_tokens=512,
                    batch_size=256, loader_batches=4, repeats=1, harvest_tokens=256,
                    memory_sizes=(8_192, 32_768), memory_steps=4, memory_harvest_tokens=(256, 512),
-                   scaling_steps=6, d_saes=(256, 512), ks=(8, 16))
+                   scaling_steps=6, d_saes=(256, 512), ks=(8, 16), sweep_tokens=1024, sweep_d_saes=(256,))
 
 
-CASES = ("train_topk", "train_standard", "scaling", "codecs", "harvest", "memory")
+CASES = ("train_topk", "train_standard", "scaling", "codecs", "harvest", "memory", "sweep")
 
 
 def parse_cases(text: str) -> list[str]:
@@ -111,6 +117,12 @@ def run_case(case: str, *, cache: str, workdir: Path, sizes: Sizes, device: str,
         from pipeline.bench.harvest_speed import harvest_rows
 
         return harvest_rows(n_tokens=sizes.harvest_tokens, repeats=sizes.repeats, workdir=workdir / "harvest")
+    if case == "sweep":
+        from pipeline.bench.sweep_speed import SweepBench, sweep_rows
+
+        return sweep_rows(SweepBench(cache=cache, tokens=sizes.sweep_tokens, ks=sizes.ks, d_saes=sizes.sweep_d_saes,
+                                     batch_size=sizes.batch_size, device=device, saelens=saelens,
+                                     stacking_repeats=sizes.repeats, workdir=workdir / "sweep"))
     from pipeline.bench.memory import memory_rows
 
     return memory_rows(source_cache=Path(cache), workdir=workdir / "memory", sizes=sizes.memory_sizes,
@@ -135,7 +147,7 @@ def _diff(a: float | None, b: float | None) -> float | None:
 
 @dataclass
 class Goal:
-    """One goal of issue 6: ``measured`` compared with ``target`` (``>=`` or ``<=``)."""
+    """One goal of issue 4 or 6: ``measured`` compared with ``target`` (``>=`` or ``<=``)."""
 
     name: str
     measured: float | None
@@ -150,7 +162,11 @@ class Goal:
 
 
 def goals(rows: list[Row]) -> list[Goal]:
-    """The issue's goals that the measured rows decide (a case not run leaves its goals unmeasured)."""
+    """The issues' goals that the measured rows decide (a case not run leaves its goals unmeasured)."""
+    return _issue_6_goals(rows) + _sweep_goals(rows)
+
+
+def _issue_6_goals(rows: list[Row]) -> list[Goal]:
     topk, std = "train_topk", "train_standard"
     trainers = [r.value for r in rows if r.case in (topk, std) and r.variant.startswith("ours")]
     loader = next((r for r in rows if r.case == "codecs"), None)
@@ -176,6 +192,25 @@ def goals(rows: list[Row]) -> list[Goal]:
         Goal("harvest bytes/token vs SAELens (float16 storage)",
              harvest_ours.quality.get("bytes_per_token_vs_saelens") if harvest_ours else None, "<=", 0.5),
         Goal("training peak memory growth, largest vs smallest cache", max(mem) - 1 if mem else None, "<=", 0.10),
+    ]
+
+
+def _sweep_goals(rows: list[Row]) -> list[Goal]:
+    """Issue 4: the fused sweep faster than our runs in turn and 3× SAELens's; a batch read once for
+    the group (activation bytes fused / all sequential runs = 1 / points); the group within its
+    memory estimate (peak growth over the estimate of ``pipeline.sweep.group_memory_bytes``)."""
+    fused = _value(rows, "sweep", "fused sweep")
+    n_points = sum(r.case == "sweep_points" and r.variant.startswith("fused sweep: ") for r in rows)
+    return [
+        Goal("sweep: sequential train seconds / fused sweep seconds", _ratio(_value(rows, "sweep", "sequential train"),
+                                                                          fused), ">=", 1.0),
+        Goal("sweep: SAELens sequential seconds / fused sweep seconds",
+             _ratio(_value(rows, "sweep", "SAELens sequential"), fused), ">=", 3.0),
+        Goal("sweep: cache bytes read, fused / sequential runs",
+             _value(rows, "sweep_cache_reads", "fused sweep", "activation_bytes_vs_sequential"), "<=",
+             1 / n_points if n_points else math.nan),
+        Goal("sweep: fused group peak memory growth / estimate",
+             _value(rows, "sweep_memory", "fused group", "growth_over_estimate"), "<=", 1.0),
     ]
 
 
@@ -207,7 +242,7 @@ def markdown(result: dict[str, Any]) -> str:
                      *(_fmt(r["quality"].get(k)) for k in keys), r["note"]]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## goals (issue 6)", "", "| goal | measured | target | met |", "| --- | ---: | --- | --- |"]
+    lines += ["## goals (issues 4 and 6)", "", "| goal | measured | target | met |", "| --- | ---: | --- | --- |"]
     for g in result["goals"]:
         lines.append(f"| {g['name']} | {_fmt(g['measured'])} | {g['op']} {_fmt(g['target'])} | {_fmt(g['met'])} |")
     return "\n".join(lines) + "\n"
@@ -222,10 +257,8 @@ def run_suite(cases: list[str], *, cache: str, out: Path, device: str = "cpu", q
     """
     sizes = Sizes.quick() if quick else Sizes()
     out.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "finished": None, "machine": machine(),
-        "args": {"cases": cases, "cache": cache, "device": device, "quick": quick, "saelens": saelens,
-                 "sizes": asdict(sizes)}, "rows": [], "goals": [], "errors": {}}
+    result = new_result({"cases": cases, "cache": cache, "device": device, "quick": quick, "saelens": saelens,
+                         "sizes": asdict(sizes)})
     rows: list[Row] = []
     for case in cases:
         echo(f"bench: {case} ...")
@@ -236,14 +269,23 @@ def run_suite(cases: list[str], *, cache: str, out: Path, device: str = "cpu", q
             result["errors"][case] = f"{type(err).__name__}: {err}"
             echo(f"bench: {case} failed: {result['errors'][case]}")
         echo(f"bench: {case} took {time.perf_counter() - t0:.0f} s")
-        _save(result, add_ratios(rows), out)
+        save_result(result, add_ratios(rows), out / "bench.json")
     echo(markdown(result))
     return result
 
 
-def _save(result: dict[str, Any], rows: list[Row], out: Path) -> None:
-    """Fill ``result`` with ``rows`` and their goals; write bench.json and bench.md atomically."""
+def new_result(args: dict[str, Any]) -> dict[str, Any]:
+    """The JSON of a run before its rows: start time, the machine (:func:`machine`), ``args``
+    (``args["device"]`` is printed by :func:`markdown`)."""
+    return {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "finished": None, "machine": machine(), "args": args,
+            "rows": [], "goals": [], "errors": {}}
+
+
+def save_result(result: dict[str, Any], rows: list[Row], json_path: Path) -> None:
+    """Fill ``result`` with ``rows`` and their goals; write it to ``json_path`` and as Markdown
+    (:func:`markdown`) beside it (``.md``), each atomically."""
     result.update(finished=time.strftime("%Y-%m-%d %H:%M:%S"), rows=[asdict(r) for r in rows],
                   goals=[{**asdict(g), "met": g.met} for g in goals(rows)])
-    atomic_write(out / "bench.json", lambda p: p.write_text(json.dumps(result, indent=2, default=str)))
-    atomic_write(out / "bench.md", lambda p: p.write_text(markdown(result)))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(json_path, lambda p: p.write_text(json.dumps(result, indent=2, default=str)))
+    atomic_write(json_path.with_suffix(".md"), lambda p: p.write_text(markdown(result)))

@@ -227,6 +227,34 @@ class TrainStepOutput:
                    feature_acts=acts, sae_out=sae_out.detach(), extra=dict(extra or {}))
 
 
+class _EncoderPre(torch.autograd.Function):
+    """``h = (x - c) W_enc + b_enc`` with ``c = b_dec`` (``subtract_b_dec``) or 0.
+
+    Autograd would get ``∂L/∂b_dec`` by forming ``∂L/∂(x - c) = (∂L/∂h) W_encᵀ: [batch, d_in]``
+    (a product as large as the encoder's) and summing it over the batch; by linearity it is
+    ``-W_enc Σ_b ∂L/∂h_b``, a matrix-vector product. That product is the only difference: the
+    other gradients are autograd's. ``∂L/∂x`` is formed only when ``x`` requires grad.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, subtract_b_dec):  # type: ignore[override]
+        sae_in = x - b_dec if subtract_b_dec else x
+        ctx.save_for_backward(sae_in, W_enc)
+        ctx.subtract_b_dec = subtract_b_dec
+        return (sae_in @ W_enc).add_(b_enc)  # not addmm, which first copies b_enc into every row
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        sae_in, W_enc = ctx.saved_tensors
+        grad_rows = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad @ W_enc.t() if ctx.needs_input_grad[0] else None
+        grad_W_enc = sae_in.reshape(-1, sae_in.shape[-1]).t() @ grad_rows if ctx.needs_input_grad[1] else None
+        per_latent = grad_rows.sum(0) if ctx.needs_input_grad[2] or ctx.needs_input_grad[3] else None
+        grad_b_enc = per_latent if ctx.needs_input_grad[2] else None
+        grad_b_dec = -(W_enc @ per_latent) if ctx.needs_input_grad[3] and ctx.subtract_b_dec else None
+        return grad_x, grad_W_enc, grad_b_enc, grad_b_dec, None
+
+
 class SAE(nn.Module):
     """Base class: parameters, encode/decode/forward, save/load, and the training interface.
 
@@ -296,8 +324,13 @@ class SAE(nn.Module):
         return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
 
     def hidden_pre(self, x: Tensor) -> Tensor:
-        """Encoder pre-activations ``(x - b_dec) W_enc + b_enc``: ``[..., d_in] → [..., d_sae]``."""
-        return self.sae_in(x) @ self.W_enc + self.b_enc
+        """Encoder pre-activations ``(x - b_dec) W_enc + b_enc``: ``[..., d_in] → [..., d_sae]``,
+        through :class:`_EncoderPre` (same values and gradients as plain autograd, one product
+        fewer in the backward) unless autocast is on."""
+        x = x.to(self.W_enc.dtype)
+        if torch.is_autocast_enabled(x.device.type):
+            return self.sae_in(x) @ self.W_enc + self.b_enc
+        return _EncoderPre.apply(x, self.W_enc, self.b_enc, self.b_dec, self.cfg.apply_b_dec_to_input)
 
     def encode(self, x: Tensor) -> Tensor:
         """Latents ``f: [..., d_in] → [..., d_sae]`` (dense), any number of leading dims."""

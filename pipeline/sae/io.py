@@ -54,9 +54,14 @@ def log_feature_density(firing_fraction: Tensor, eps: float = 1e-10) -> Tensor:
 
 
 def atomic_write(target: Path, write) -> None:
-    """Write through a temporary sibling then rename, so a crash never leaves half a file."""
+    """Write through a temporary sibling then rename, so a crash never leaves half a file; a write
+    that fails (a full disk) removes its temporary file, so the space comes back."""
     tmp = target.with_name(f".{target.name}.tmp")
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, target)
 
 

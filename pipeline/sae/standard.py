@@ -35,14 +35,20 @@ import torch
 from torch import Tensor
 
 from pipeline.sae.base import SAE, SAEConfig, TrainStepOutput
+from pipeline.sae.sparse import ActiveLatents, decode_active, encode_active
 
 DECODER_INIT_NORM = 0.1  # April 2024 update: decoder rows start at norm 0.1
+# Largest fraction of a batch's latents that may be active for a training step to run on the active
+# latents only (pipeline.sae.sparse). On one CPU thread at batch 4096, d_in 384, d_sae 3072 the
+# sparse step took 0.55x the dense one at 2% active, 0.83x at 5%, and broke even near 7%.
+SPARSE_MAX_DENSITY = 0.05
 
 
 class StandardSAE(SAE):
     """ReLU SAE; parameters as in :class:`pipeline.sae.base.SAE`."""
 
     architecture = "standard"
+    use_sparse_kernels = True  # False: always the dense graph (the reference the tests compare with)
     sparsity_coefficient_name = "l1_coefficient"
     sparsity_warm_up_name = "l1_warm_up_steps"
 
@@ -70,6 +76,13 @@ class StandardSAE(SAE):
         self._check_d_in(x)
         x = x.to(self.W_enc.dtype)
         hidden_pre = self.hidden_pre(x)
+        if self._sparse_capable(x):
+            pre = hidden_pre.detach()
+            # the density of every 16th token decides (a pure function of the batch, so resumed and
+            # grouped runs take the same path); the full nonzero pass only when sparse
+            if float((pre[::16] > 0).float().mean()) <= SPARSE_MAX_DENSITY:
+                active = (pre > 0).view(-1).nonzero().squeeze(1)
+                return self._sparse_training_loss(x, pre, active, sparsity_coefficient)
         feature_acts = torch.relu(hidden_pre)
         sae_out = self.decode(feature_acts)
         mse_loss = (sae_out - x).pow(2).sum(-1).mean()
@@ -85,6 +98,28 @@ class StandardSAE(SAE):
             loss, mse_loss, feature_acts, sae_out,
             sparsity_loss=sparsity_loss, extra=extra,
         )
+
+    def _sparse_capable(self, x: Tensor) -> bool:
+        """Whether this step may run on the active latents only (:mod:`pipeline.sae.sparse`): CPU
+        float32/float64 (MKL's sparse kernels), no autocast, no ghost grads (which need every dead
+        latent's pre-activation in the graph)."""
+        return (self.use_sparse_kernels and x.device.type == "cpu" and x.dim() == 2
+                and self.W_enc.dtype in (torch.float32, torch.float64) and not self.cfg.use_ghost_grads
+                and not torch.is_autocast_enabled("cpu"))
+
+    def _sparse_training_loss(self, x: Tensor, pre: Tensor, active: Tensor, sparsity_coefficient: float
+                              ) -> TrainStepOutput:
+        """:meth:`training_loss` (no ghost grads) from the detached pre-activations ``pre: [batch,
+        d_sae]`` and the flat positions ``active: [nnz]`` of their positive entries: the same loss,
+        and gradients equal to float rounding, through the active latents only."""
+        pairs = ActiveLatents.from_flat(active, *pre.shape)
+        values = encode_active(self.sae_in(x).detach(), self.W_enc, self.b_enc, self.b_dec, pairs,
+                               pre.view(-1)[active], self.cfg.apply_b_dec_to_input)
+        sae_out = decode_active(values, self.W_dec, pairs) + self.b_dec
+        mse_loss = (sae_out - x).pow(2).sum(-1).mean()
+        sparsity_loss = (values * self.W_dec.norm(dim=1)[pairs.cols]).sum() / x.shape[0]
+        loss = mse_loss + sparsity_coefficient * sparsity_loss
+        return TrainStepOutput.build(loss, mse_loss, pre.relu_(), sae_out, sparsity_loss=sparsity_loss, extra={})
 
     def ghost_grad_loss(
         self, x: Tensor, sae_out: Tensor, hidden_pre: Tensor, mse_loss: Tensor, dead_mask: Tensor | None

@@ -21,8 +21,8 @@ section numbers refer to that paper):
   ``b_enc = 0``, ``b_dec`` = geometric median of a data sample (:func:`geometric_median`).
 
 Training path: the encoder matmul is dense (``[batch, d_in] @ [d_in, d_sae]``), but after TopK
-only ``k`` latents per token carry gradient, so :class:`_SparseEncoderGrad` computes the encoder
-backward from the selected entries and the decoder runs through ``embedding_bag`` over the k
+only ``k`` latents per token carry gradient, so :func:`pipeline.sae.sparse.encode_active` computes
+the encoder backward from the selected entries and the decoder runs through ``embedding_bag`` over the k
 selected rows of ``W_dec``. :func:`topk_training_forward_dense` is the plain reference; tests
 check the two agree in outputs and gradients. Set ``TopKSAE.use_sparse_kernels = False`` to train
 on the reference path.
@@ -34,7 +34,6 @@ Shared with ``batchtopk`` and ``matryoshka``: :class:`TopKFamilySAE` (unit-norm 
 from __future__ import annotations
 
 import copy
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +42,7 @@ from torch import Tensor
 
 from pipeline.errors import ConfigError
 from pipeline.sae.base import SAE, SAEConfig, SparseLatents, TrainStepOutput
+from pipeline.sae.sparse import ActiveLatents, encode_active
 
 
 def geometric_median(points: Tensor, n_iter: int = 100, eps: float = 1e-8) -> Tensor:
@@ -82,63 +82,12 @@ class TopKForward:
     aux_recon: Tensor | None
 
 
-class _SparseEncoderGrad(torch.autograd.Function):
-    """Attach selected pre-activations ``h[b, idx[b, j]]`` to the encoder's parameters.
-
-    ``h = (x - c) W_enc + b_enc`` with ``c = b_dec`` (or 0 when ``apply_b_dec_to_input`` is off).
-    Forward returns ``selected: [batch, m]``, already computed without autograd from the dense
-    matmul. Backward receives ``g: [batch, m]``; since only those entries of ``h`` are used it
-    computes exactly what the dense graph would, in O(batch·m·d_in) instead of
-    O(batch·d_sae·d_in):
-
-    - ``∂/∂W_enc[:, j] = Σ_{(b,·): idx=j} g · sae_in[b]`` — a CSR ``[d_sae, batch]`` matrix
-      (entries sorted by latent id) times ``sae_in``;
-    - ``∂/∂b_enc[j] = Σ_{idx=j} g`` (bincount);
-    - ``∂/∂b_dec = -W_enc · (∂/∂b_enc)`` when ``b_dec`` is subtracted from the input (chain rule
-      through ``sae_in = x - b_dec``), which avoids forming ``∂/∂sae_in: [batch, d_in]``.
-    """
-
-    @staticmethod
-    def forward(ctx, sae_in, W_enc, b_enc, b_dec, indices, selected, subtract_b_dec):  # type: ignore[override]
-        ctx.save_for_backward(sae_in, W_enc, indices)
-        ctx.subtract_b_dec = subtract_b_dec
-        return selected.clone()
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        sae_in, W_enc, indices = ctx.saved_tensors
-        batch, m = indices.shape
-        d_sae = W_enc.shape[1]
-        flat_idx = indices.reshape(-1)
-        flat_grad = grad.reshape(-1)
-        grad_W_enc = grad_b_enc = grad_b_dec = None
-        if ctx.needs_input_grad[1]:
-            order = flat_idx.argsort()
-            tokens = torch.div(order, m, rounding_mode="floor")
-            crow = torch.zeros(d_sae + 1, dtype=torch.int64, device=grad.device)
-            crow[1:] = torch.bincount(flat_idx, minlength=d_sae).cumsum(0)
-            # CPU sparse-CSR matmul (MKL) has no half-precision kernel: accumulate in float32.
-            acc = grad.dtype if grad.dtype in (torch.float32, torch.float64) else torch.float32
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-                grad_t = torch.sparse_csr_tensor(
-                    crow, tokens, flat_grad[order].to(acc), (d_sae, batch), dtype=acc
-                )
-                grad_W_enc = (grad_t @ sae_in.to(acc)).t().to(grad.dtype)
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            per_latent = torch.zeros(d_sae, dtype=grad.dtype, device=grad.device)
-            per_latent.index_add_(0, flat_idx, flat_grad)
-            grad_b_enc = per_latent if ctx.needs_input_grad[2] else None
-            if ctx.needs_input_grad[3] and ctx.subtract_b_dec:
-                grad_b_dec = -(W_enc @ per_latent)
-        return None, grad_W_enc, grad_b_enc, grad_b_dec, None, None, None
-
-
 def _encode_selected(sae: TopKSAE, sae_in: Tensor, indices: Tensor, selected: Tensor) -> Tensor:
-    """``selected`` with the sparse encoder backward attached (see :class:`_SparseEncoderGrad`)."""
-    return _SparseEncoderGrad.apply(
-        sae_in, sae.W_enc, sae.b_enc, sae.b_dec, indices, selected, sae.cfg.apply_b_dec_to_input
-    )
+    """``selected: [batch, m]`` (``h`` at ``indices: [batch, m]``) with the sparse encoder backward
+    attached (:func:`pipeline.sae.sparse.encode_active`)."""
+    active = ActiveLatents.from_topk(indices, sae.cfg.d_sae)
+    return encode_active(sae_in, sae.W_enc, sae.b_enc, sae.b_dec, active, selected.reshape(-1),
+                         sae.cfg.apply_b_dec_to_input).view_as(selected)
 
 
 def _dead_topk(pre: Tensor, dead_ids: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
