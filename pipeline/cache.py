@@ -172,7 +172,8 @@ class ActivationCache:
 
         Raises:
             CacheError: the cache is missing or unreachable, the URL's fsspec backend is not
-                installed (the message names the package), it is not a sae-pipeline cache, or (with
+                installed (the message names the package), its server ignores byte-range requests
+                (shards are read by range), it is not a sae-pipeline cache, or (with
                 ``require_complete``) its harvest did not finish — the message says how to resume.
         """
         location = path if is_url(path) else Path(path)
@@ -185,7 +186,7 @@ class ActivationCache:
         if group.attrs.get("format") != "sae-pipeline-activations":
             raise CacheError(f"{str(location)!r} is a Zarr group but not a sae-pipeline activation cache.")
         version = group.attrs.get("format_version")
-        if version not in CHECKSUM_ALGORITHMS:
+        if not isinstance(version, int) or isinstance(version, bool) or version not in CHECKSUM_ALGORITHMS:
             raise CacheError(
                 f"the cache at {str(location)!r} has format version {version}, this sae-pipeline reads versions "
                 f"{sorted(CHECKSUM_ALGORITHMS)}; re-harvest it (same command with --overwrite)."
@@ -346,11 +347,21 @@ def _open_remote(url: str) -> zarr.Group:
     """The group at ``url``, read-only through zarr's FsspecStore."""
     fs, root = _url_filesystem(url)
     try:
-        found = fs.isfile(f"{root.rstrip('/')}/zarr.json")
+        # reading the file, not fs.isfile (HTTP's reads an unreachable host as a missing file), and
+        # by range as shards are read: a server that ignores Range (python -m http.server) answers
+        # with the whole file, which would read as damaged chunks
+        head = fs.cat_file(f"{root.rstrip('/')}/zarr.json", start=0, end=2)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        raise _no_cache_error(url) from None
     except Exception as e:  # unreachable host, refused credentials: each backend has its own types
-        raise _no_cache_error(url, f" ({type(e).__name__}: {e})") from e
-    if not found:
-        raise _no_cache_error(url)
+        raise CacheError(f"cannot read the cache at {url!r} ({type(e).__name__}: {e}): check the URL, that its host "
+                         "is reachable from here and the backend's credentials, or copy the cache to a local "
+                         "folder.") from e
+    if len(head) != 2:
+        raise CacheError(f"cannot read the cache at {url!r}: its server ignores byte-range requests (2 bytes of "
+                         f"zarr.json asked for, {len(head):,} returned), and a cache's shard files are read by range; "
+                         "serve it from storage that honours HTTP Range (S3, GCS, nginx, ...; not `python -m "
+                         "http.server`), or copy the cache to a local folder.")
     return zarr.open_group(FsspecStore.from_url(url, read_only=True), mode="r")
 
 

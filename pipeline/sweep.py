@@ -48,11 +48,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline.cache import TORCH_DTYPES
+from pipeline.cache import TORCH_DTYPES, describe_os_error
 from pipeline.checkpoint import RESUMABLE_CHANGES, list_checkpoints, load_resumable
 from pipeline.config import ARCHITECTURE_FIELDS, EvalConfig, TrainConfig, read_yaml_mapping
 from pipeline.constants import SAE_CFG_FILENAME, TRAIN_CONFIG_FILENAME
-from pipeline.errors import ConfigError, SaePipelineError
+from pipeline.errors import ConfigError, SAEWriteError, SaePipelineError
 from pipeline.sae.io import atomic_write
 from pipeline.training import TrainingData, TrainResult, stream_key, train_group
 
@@ -103,11 +103,15 @@ def load_sweep(path: str | Path, base_overrides: dict[str, Any] | None = None) -
     """Read and validate the sweep file at ``path``; ``base_overrides`` update its ``base``.
 
     Raises:
-        ConfigError: unknown or misplaced keys, an empty or non-list grid entry, a field in both
-            ``grid`` and ``points``, a field the sweep sets itself, a point whose TrainConfig is
-            invalid (the message names the point and the field), or two identical points.
+        ConfigError: an empty file, unknown or misplaced keys, an empty or non-list grid entry, a
+            field in both ``grid`` and ``points``, a field the sweep sets itself, a point whose
+            TrainConfig is invalid (the message names the point and the field), or two identical
+            points (the same id, or configs that train the same SAE).
     """
     raw = read_yaml_mapping(path)
+    if not raw:
+        raise ConfigError(f"sweep file {str(path)!r} is empty; give it a base of training fields and a grid and/or "
+                          "points (see configs/sweeps/).")
     _check_keys(raw, path)
     name = str(raw.get("name") or Path(path).stem)
     if not _NAME.match(name):
@@ -254,12 +258,24 @@ def _check_evaluate(evaluate: dict[str, Any]) -> None:
 
 
 def _check_unique(points: list[SweepPoint]) -> None:
+    """Refuse two points with the same id, or whose configs agree on every field that shapes the
+    result (e.g. ``points: [{k: 32}, {}]`` where base or the default gives k 32): both would train
+    the same SAE."""
     seen: dict[str, int] = {}
+    trained: dict[str, int] = {}
     for i, point in enumerate(points):
         if point.id in seen:
             raise ConfigError(f"sweep points {seen[point.id] + 1} and {i + 1} are the same point ({_describe(point.params)}); "
                               "remove one.")
         seen[point.id] = i
+        shaping = json.dumps({k: v for k, v in point.cfg.to_dict().items() if k not in RESUMABLE_CHANGES},
+                             sort_keys=True, default=str)
+        if shaping in trained:
+            j = trained[shaping]
+            raise ConfigError(f"sweep points {j + 1} ({_describe(points[j].params)}) and {i + 1} "
+                              f"({_describe(point.params)}) train the same SAE: with base and the defaults they "
+                              "set every field alike; remove one.")
+        trained[shaping] = i
 
 
 def _describe(params: dict[str, Any]) -> str:
@@ -307,19 +323,25 @@ def point_status(folder: Path, cfg: TrainConfig, cache_identity: dict[str, Any])
 
 
 def _unfinished_status(cfg: TrainConfig, cache_identity: dict[str, Any]) -> PointStatus:
-    """An interrupted point resumes from its latest checkpoint when that loads and was written
-    with ``cfg``'s values of every field that shapes the result and on the activations
-    ``cache_identity`` names (:func:`pipeline.checkpoint.load_resumable`, as ``train`` checks);
-    else from scratch."""
+    """An interrupted point resumes from its newest checkpoint that loads and was written with
+    ``cfg``'s values of every field that shapes the result and on the activations
+    ``cache_identity`` names (:func:`pipeline.checkpoint.load_resumable`, as ``train`` checks): a
+    damaged newest one (a kill mid-write on a filesystem without atomic renames) falls back to the
+    one before. With none, from scratch, giving the newest one's reason."""
     found = list_checkpoints(cfg.checkpoint_dir)
     if not found:
         return PointStatus("unfinished", "from scratch, no checkpoint")
-    try:
-        saved = load_resumable(found[-1], cfg.to_dict(), cache_identity)
-    except ConfigError as err:
-        return PointStatus("unfinished", f"from scratch, its latest checkpoint cannot be resumed: {err}")
-    return PointStatus("unfinished", f"resume from step {saved['trainer']['step']} of {cfg.total_steps}",
-                       str(found[-1]))
+    refused: list[str] = []
+    for folder in reversed(found):
+        try:
+            saved = load_resumable(folder, cfg.to_dict(), cache_identity)
+        except ConfigError as err:
+            refused.append(f"{folder.name} cannot be resumed: {err}")
+            continue
+        skipped = f" ({'; '.join(refused)})" if refused else ""
+        return PointStatus("unfinished", f"resume from step {saved['trainer']['step']} of {cfg.total_steps}{skipped}",
+                           str(folder))
+    return PointStatus("unfinished", f"from scratch, its latest checkpoint {refused[0]}")
 
 
 def config_differences(saved_path: Path, cfg: TrainConfig) -> list[str]:
@@ -507,10 +529,22 @@ def _resuming(point: SweepPoint, status: PointStatus) -> SweepPoint:
 
 
 def write_index(sweep: Sweep) -> None:
-    """``sweep.json``: the sweep's name, source file, current points and evaluation settings."""
-    write_json(sweep.output_path / SWEEP_INDEX_FILENAME, {
-        "name": sweep.name, "source": sweep.source, "evaluate": sweep.evaluate,
-        "points": [{"id": p.id, "params": p.params} for p in sweep.points]})
+    """``sweep.json``: the sweep's name, source file, current points and evaluation settings.
+
+    Raises:
+        SAEWriteError: the OS refuses the write (read-only or unwritable folder, full disk), before
+            any point trains; the message names the folder, the OS error and the fix.
+    """
+    path = sweep.output_path / SWEEP_INDEX_FILENAME
+    try:
+        write_json(path, {
+            "name": sweep.name, "source": sweep.source, "evaluate": sweep.evaluate,
+            "points": [{"id": p.id, "params": p.params} for p in sweep.points]})
+    except OSError as err:
+        raise SAEWriteError(f"cannot write the sweep folder {str(sweep.output_path)!r}: {describe_os_error(err, path)}. "
+                            "Nothing was trained. Fix: make it writable, or set the sweep file's top-level "
+                            "output_path to a folder on a writable filesystem, then rerun the same `sae-pipeline "
+                            "sweep` command.") from None
 
 
 def _select(sweep: Sweep, only: Sequence[str]) -> list[SweepPoint]:

@@ -655,14 +655,17 @@ def _budget_notes(cfg: TrainConfig, rows_per_epoch: int) -> list[str]:
 
 @torch.no_grad()
 def init_b_dec(sae: SAE, sample: torch.Tensor, method: str) -> None:
-    """``b_dec`` ← geometric median (Gao et al. 2024, A.1; SAELens's default), mean, or zeros of
-    ``sample`` ``[n, d_in]`` (already scaled like the training batches)."""
+    """``b_dec`` ← :func:`b_dec_init_value` of ``sample`` ``[n, d_in]`` (already scaled like the
+    training batches)."""
+    sae.b_dec.copy_(b_dec_init_value(sample.to(sae.b_dec.device), method))
+
+
+def b_dec_init_value(sample: torch.Tensor, method: str) -> torch.Tensor:
+    """``[d_in]``: the geometric median (Gao et al. 2024, A.1; SAELens's default), mean, or zeros of
+    ``sample: [n, d_in]``, by ``method`` (``b_dec_init_method``)."""
     if method == "geometric_median":
-        sae.b_dec.copy_(geometric_median(sample.to(sae.b_dec.device)))
-    elif method == "mean":
-        sae.b_dec.copy_(sample.mean(0))
-    else:
-        sae.b_dec.zero_()
+        return geometric_median(sample)
+    return sample.mean(0) if method == "mean" else sample.new_zeros(sample.shape[1])
 
 
 def build_sae(cfg: TrainConfig, d_in: int, hook: str, model_name: str, metadata: dict[str, Any]) -> SAE:
@@ -754,6 +757,7 @@ class TrainingData:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        self._b_dec_inits: dict[str, torch.Tensor] = {}
         self.cache = ActivationCache.open(cfg.cache_path)
         self.hook = self.cache.resolve_hook(cfg.hook_name)
         self.d_in = self.cache.d_in_of(self.hook)
@@ -781,6 +785,13 @@ class TrainingData:
     def b_dec_sample(self) -> torch.Tensor:
         """``[16384, d_in]`` float32 scaled rows drawn with the stream's seed (the same for the group)."""
         return sample_activations(self.cache, self.hook, 16_384, self.cfg.seed, self.exclude) * self.scale
+
+    def b_dec_init(self, method: str) -> torch.Tensor:
+        """:func:`b_dec_init_value` of :attr:`b_dec_sample` on the stream's device, computed once per
+        method for the whole group (a geometric median takes about a second on one CPU thread)."""
+        if method not in self._b_dec_inits:
+            self._b_dec_inits[method] = b_dec_init_value(self.b_dec_sample.to(self.cfg.device), method)
+        return self._b_dec_inits[method]
 
     def loader(self) -> ActivationLoader:
         cfg = self.cfg
@@ -820,12 +831,17 @@ def start_run(cfg: TrainConfig, data: TrainingData) -> SAERun:
     """
     data.check_d_in(cfg)
     out = Path(cfg.output_path)
-    saved = _start_or_resume(cfg, out, data)
+    # an unwritable output or checkpoint folder is found here, before any step, as one clear error
+    with refused_writes("the output folder", out, cfg.checkpoint_dir):
+        saved = _start_or_resume(cfg, out, data)
+        atomic_write(out / TRAIN_CONFIG_FILENAME, cfg.save_yaml)
+        if cfg.n_checkpoints:
+            cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)  # the init depends on the seed alone, whether trained alone or in a group
     sae = build_sae(cfg, data.d_in, data.hook, data.cache.attrs["model_name"], _sae_metadata(data.cache))
     if saved is None:
-        init_b_dec(sae, data.b_dec_sample, cfg.b_dec_init_method)
-    atomic_write(out / TRAIN_CONFIG_FILENAME, cfg.save_yaml)
+        with torch.no_grad():
+            sae.b_dec.copy_(data.b_dec_init(cfg.b_dec_init_method))
     start = saved["trainer"]["step"] if saved else 0
     if saved is None:
         (out / METRICS_LOG_FILENAME).unlink(missing_ok=True)

@@ -135,6 +135,34 @@ def test_unknown_cases_are_refused_with_the_valid_names():
     assert suite.parse_cases("all") == list(suite.CASES)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--tokens", "0"], "Invalid value for '--tokens': 0 is not in the range x>=1"),
+    (["--ks", "16,a"], "Invalid value for '--ks': expected comma-separated positive integers"),
+    (["--d-saes", "0"], "Invalid value for '--d-saes': expected comma-separated positive integers"),
+    ([], "Error: no activation cache at '.*': run `sae-pipeline harvest` first"),  # an empty folder
+])
+def test_the_sweep_speed_cli_refuses_bad_values_in_one_line_naming_the_option(tmp_path, args, message):
+    import re
+
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(sweep_speed.main, ["--cache", str(tmp_path), "--workdir", str(tmp_path / "w"),
+                                                   "--out", str(tmp_path / "o.json"), "--no-saelens", *args])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output  # not a traceback
+    assert re.search(message, result.output), result.output
+
+
+def test_the_sweep_benchmarks_explain_themselves_in_their_help():
+    from click.testing import CliRunner
+
+    from pipeline.bench import sweep_memory
+
+    speed = CliRunner().invoke(sweep_speed.main, ["-h"])
+    assert speed.exit_code == 0 and "Time a TopK sweep" in speed.output and "TopK k values" in speed.output
+    memory = CliRunner().invoke(sweep_memory.main, ["-h"])
+    assert memory.exit_code == 0 and "resident memory" in memory.output and "RELIABILITY.md" in memory.output
+
+
 def test_the_counting_store_counts_a_chunks_compressed_bytes_and_its_shard_index(real_cache):
     hook, lay = real_cache.hook_names[0], real_cache.layout
     shard_file = real_cache.path / array_key(hook) / "c" / "1" / "0"

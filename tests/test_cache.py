@@ -298,6 +298,11 @@ def test_a_cache_of_another_format_version_is_refused_with_the_fix(tmp_path):
     (tmp_path / "c" / "zarr.json").write_text(json.dumps(meta))
     with pytest.raises(CacheError, match="format version 1.*re-harvest.*--overwrite"):
         ActivationCache.open(tmp_path / "c")
+    for damaged in ([], {"v": 3}, "3", True):  # an unhashable value raised TypeError (found by test_properties)
+        meta["attributes"]["format_version"] = damaged
+        (tmp_path / "c" / "zarr.json").write_text(json.dumps(meta))
+        with pytest.raises(CacheError, match="format version .*re-harvest"):
+            ActivationCache.open(tmp_path / "c")
 
 
 def _files(folder):
@@ -503,6 +508,38 @@ def test_a_missing_or_unreadable_url_is_refused_naming_it_and_the_fix(tmp_path):
     if importlib.util.find_spec("s3fs") is None:
         with pytest.raises(CacheError, match=r"fsspec backend of 's3' URLs is not installed.*pip install s3fs"):
             ActivationCache.open("s3://bucket/cache")
+
+
+def test_an_unreachable_host_or_a_server_ignoring_range_requests_is_named_not_called_damaged(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    pytest.importorskip("aiohttp")  # fsspec's HTTP backend
+    # an unreachable host is not "no cache, harvest first" (HTTP's isfile reads it as a missing file)
+    with pytest.raises(CacheError, match=r"cannot read the cache at 'http://127.0.0.1:1/c' \(ClientConnectorError: "
+                                         r".*check the URL, that its host is reachable"):
+        ActivationCache.open("http://127.0.0.1:1/c")
+    # python -m http.server answers a Range request with the whole file: every shard read would
+    # decode as a damaged chunk, so the open refuses it, naming the server
+    acts, tokens = _data()
+    write_synthetic_cache(tmp_path / "c", acts, tokens, chunk_tokens=16)
+    file_url = (tmp_path / "c" / "zarr.json").as_uri()  # the metadata file, not its folder
+    with pytest.raises(CacheError, match=rf"no activation cache at '{file_url}'"):
+        ActivationCache.open(file_url)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/c"
+        with pytest.raises(CacheError, match=rf"cannot read the cache at '{url}': its server ignores byte-range "
+                                             r"requests .*copy the cache to a local folder"):
+            ActivationCache.open(url)
+        with pytest.raises(CacheError, match=rf"no activation cache at '{url}x'"):
+            ActivationCache.open(url + "x")
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_an_incomplete_cache_read_by_url_is_refused_without_a_lock_check(tmp_path):

@@ -78,6 +78,22 @@ def test_missing_and_malformed_yaml(tmp_path):
         parse_sets(("lr",))
 
 
+def test_a_key_given_twice_is_refused_not_silently_dropped(tmp_path):
+    from pipeline.config import read_yaml_mapping
+
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("grid:\n  k: [8, 16]\n  k: [32]\n")  # PyYAML alone keeps k: [32] and drops two points
+    with pytest.raises(ConfigError, match=r"not valid YAML: .*found the key 'k' twice .*line 3"):
+        read_yaml_mapping(twice)
+    twice.write_text("lr: 0.001\nlr: 0.0004\n")
+    with pytest.raises(ConfigError, match="found the key 'lr' twice"):
+        TrainConfig.from_yaml(twice)
+    # a merge key may be overridden, and the same key in two mappings is no repeat
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("a: &b {k: 8, d_sae: 256}\nc:\n  <<: *b\n  k: 16\nd: {k: 8}\n")
+    assert read_yaml_mapping(merged) == {"a": {"k": 8, "d_sae": 256}, "c": {"k": 16, "d_sae": 256}, "d": {"k": 8}}
+
+
 def test_booleans_and_devices_are_checked():
     assert HarvestConfig.from_dict({"prepend_bos": "yes"}).prepend_bos is True
     assert HarvestConfig.from_dict({"prepend_bos": 0}).prepend_bos is False

@@ -229,3 +229,17 @@ def test_a_failed_atomic_write_leaves_neither_a_file_nor_its_temporary(tmp_path)
     assert list(tmp_path.iterdir()) == []
     atomic_write(target, lambda path: path.write_text("{}"))
     assert [p.name for p in tmp_path.iterdir()] == ["cfg.json"] and target.read_text() == "{}"
+
+
+def test_a_failed_atomic_write_raises_its_own_error_when_the_cleanup_is_refused_too(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from pipeline.sae.io import atomic_write
+
+    def read_only(path):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: read_only(self))
+    with pytest.raises(OSError, match="Read-only file system") as info:
+        atomic_write(tmp_path / "cfg.json", read_only)
+    assert info.value.__context__ is None  # not "during handling of the above exception, another exception"

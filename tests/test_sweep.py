@@ -109,6 +109,7 @@ def test_points_are_crossed_with_the_grid(tmp_path):
     ({"grid": {"output_path": ["a", "b"]}}, "sets 'output_path', which the sweep sets itself"),
     ({"grid": {"k": [4]}, "points": [{"k": 8}]}, "'k' is in both grid and points\\[0\\]"),
     ({"points": [{"k": 4}, {"k": 4.0}]}, "points 1 and 2 are the same point"),
+    ({"points": [{"k": 4}, {}]}, r"points 1 \(k=4, architecture=topk\) and 2 \(architecture=topk\) train the same SAE"),
     ({"grid": {"k": [4]}, "evaluate": {"n_ce_sequence": 4}}, "Did you mean 'n_ce_sequences'"),
     ({"grid": {"k": [4, 8]}, "points": [{"architecture": "standard"}]},
      r"point 1 of 2 \(architecture=standard, k=4\): architecture 'standard' does not read 'k'"),
@@ -121,6 +122,13 @@ def test_bad_sweeps_are_refused_naming_the_point_and_field(tmp_path, sweep, mess
     with pytest.raises(ConfigError, match=message):
         load_sweep(path)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_sweep_file_is_refused(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match="sweep file '.*empty.yaml' is empty; give it a base"):
+        load_sweep(path)
 
 
 def test_a_d_in_mismatch_is_refused_before_anything_trains(tmp_path):
@@ -386,6 +394,17 @@ def test_an_interrupted_point_is_retrained(tmp_path):
     assert run_sweep(sweep, progress=False).trained == [sweep.points[0].id]
 
 
+def test_an_unwritable_sweep_folder_is_one_error_before_anything_trains(tmp_path):
+    cache = low_rank_cache(tmp_path / "cache")
+    (tmp_path / "afile").write_text("not a folder")
+    path = write_sweep(tmp_path, cache.path, grid={"k": [2]})
+    path.write_text(path.read_text().replace(str(tmp_path / "sweeps" / "s"), str(tmp_path / "afile" / "sw")))
+    sweep = load_sweep(path)
+    with pytest.raises(SAEWriteError, match=r"cannot write the sweep folder '.*afile/sw': Not a directory \(ENOTDIR "
+                                            r".*Nothing was trained. Fix: make it writable"):
+        run_sweep(sweep, progress=False)
+
+
 def test_a_sweep_stopped_by_a_full_disk_resumes_each_point_from_its_checkpoint(tmp_path, capsys):
     cache = low_rank_cache(tmp_path / "cache")
     points = [{"k": 2, "n_checkpoints": 4}, {"k": 4, "n_checkpoints": 2}, {"k": 8}]
@@ -419,8 +438,15 @@ def test_a_sweep_stopped_by_a_full_disk_resumes_each_point_from_its_checkpoint(t
     damaged = point_status(tmp_path / "damaged", replace(k4.cfg, output_path=str(tmp_path / "damaged")), identity)
     for status, why in ((changed, "lr: checkpoint 0.003, now 0.001"), (other_cache, "cache at cache_path differs"),
                         (damaged, "cannot be read")):
-        assert status.resume_from is None and status.detail.startswith("from scratch, its latest checkpoint cannot "
-                                                                       "be resumed: ") and why in status.detail
+        assert status.resume_from is None and status.detail.startswith(
+            "from scratch, its latest checkpoint step_000000010 cannot be resumed: ") and why in status.detail
+    # a damaged newest checkpoint with a good one before it: resume from that one
+    shutil.copytree(sweep.folder(k2), tmp_path / "damaged_k2")
+    newest = tmp_path / "damaged_k2" / "checkpoints" / "step_000000020" / STATE_FILENAME
+    newest.write_bytes(newest.read_bytes()[:40])
+    older = point_status(tmp_path / "damaged_k2", replace(k2.cfg, output_path=str(tmp_path / "damaged_k2")), identity)
+    assert older.resume_from == str(tmp_path / "damaged_k2" / "checkpoints" / "step_000000015")
+    assert older.detail.startswith("resume from step 15 of 20 (step_000000020 cannot be resumed: ")
     # space is back: the same command resumes k2 and k4 and retrains k8, all ending as uninterrupted
     capsys.readouterr()
     result = run_sweep(load_sweep(path), progress=False)

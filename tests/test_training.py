@@ -389,3 +389,22 @@ def test_a_full_disk_names_the_path_keeps_the_last_checkpoint_and_resumes_from_i
     train(_small_cfg(cache, tmp_path, "clean", n_checkpoints=4), progress=False)
     resumed, clean = _weights(run), _weights(tmp_path / "clean")
     assert resumed.keys() == clean.keys() and all(torch.equal(resumed[k], clean[k]) for k in clean)
+
+
+@pytest.mark.parametrize("where", ["output_path", "checkpoint_path"])
+def test_an_unwritable_output_or_checkpoint_folder_is_one_error_before_any_step(tmp_path, where):
+    from pipeline.errors import SAEWriteError
+
+    cache, _ = _low_rank_cache(tmp_path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    bad = {"output_path": str(blocker / "sae")} if where == "output_path" else {
+        "checkpoint_path": str(blocker / "ckpts")}
+    cfg = _small_cfg(cache, tmp_path, "run", n_checkpoints=2)
+    cfg = TrainConfig.from_dict({**cfg.to_dict(), **bad})
+    with pytest.raises(SAEWriteError) as err:
+        train(cfg, progress=False)
+    message = str(err.value)
+    assert message.startswith(f"cannot write the output folder to {cfg.output_path}")
+    assert "Not a directory" in message and str(blocker) in message
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no step ran

@@ -168,11 +168,17 @@ def plot(samples: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
-@click.command()
-@click.option("--minutes", default=30.0, show_default=True, type=click.FloatRange(min=1))
+@click.command(context_settings={"help_option_names": ["-h", "--help"]}, help="""\
+Run a fused sweep of 8 TopK SAEs for --minutes, sample its resident memory every --interval
+seconds, and judge growth after the warm-up; writes <workdir>/curve.json, curve.csv and curve.png
+and replaces the sweep-memory block of the --report file (RELIABILITY.md by default: pass another
+file, or /dev/null, to leave the repository's copy alone).""")
+@click.option("--minutes", default=30.0, show_default=True, type=click.FloatRange(min=1),
+              help="How long the sweep runs before it is stopped (at least 1).")
 @click.option("--cache", default="data/harvests/anchor_wikitext", show_default=True,
-              type=click.Path(exists=True, file_okay=False))
-@click.option("--workdir", default="data/bench/sweep_memory", show_default=True)
+              type=click.Path(exists=True, file_okay=False), help="Activation cache the sweep trains from.")
+@click.option("--workdir", default="data/bench/sweep_memory", show_default=True,
+              help="Folder for the sweep, its log and the curve files.")
 @click.option("--interval", default=10.0, show_default=True, type=click.FloatRange(min=0.5), help="Seconds.")
 @click.option("--warmup", default=3.0, show_default=True, type=click.FloatRange(min=0), help="Minutes.")
 @click.option("--warmup-tokens", default=262_144, show_default=True, type=click.IntRange(min=0),

@@ -60,7 +60,10 @@ def atomic_write(target: Path, write) -> None:
     try:
         write(tmp)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only filesystem refuses the cleanup too: the write's error is the one to raise
+            pass
         raise
     os.replace(tmp, target)
 

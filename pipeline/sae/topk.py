@@ -22,7 +22,7 @@ section numbers refer to that paper):
 
 Training path: the encoder matmul is dense (``[batch, d_in] @ [d_in, d_sae]``), but after TopK
 only ``k`` latents per token carry gradient, so :func:`pipeline.sae.sparse.encode_active` computes
-the encoder backward from the selected entries and the decoder runs through ``embedding_bag`` over the k
+the encoder backward from the selected entries and the decoder runs through the k
 selected rows of ``W_dec``. :func:`topk_training_forward_dense` is the plain reference; tests
 check the two agree in outputs and gradients. Set ``TopKSAE.use_sparse_kernels = False`` to train
 on the reference path.
@@ -42,7 +42,7 @@ from torch import Tensor
 
 from pipeline.errors import ConfigError
 from pipeline.sae.base import SAE, SAEConfig, SparseLatents, TrainStepOutput
-from pipeline.sae.sparse import ActiveLatents, encode_active
+from pipeline.sae.sparse import ActiveLatents, decode_active, encode_active
 
 
 def geometric_median(points: Tensor, n_iter: int = 100, eps: float = 1e-8) -> Tensor:
@@ -82,12 +82,25 @@ class TopKForward:
     aux_recon: Tensor | None
 
 
-def _encode_selected(sae: TopKSAE, sae_in: Tensor, indices: Tensor, selected: Tensor) -> Tensor:
-    """``selected: [batch, m]`` (``h`` at ``indices: [batch, m]``) with the sparse encoder backward
-    attached (:func:`pipeline.sae.sparse.encode_active`)."""
+def _encode_decode_selected(sae: TopKSAE, sae_in: Tensor, indices: Tensor, selected: Tensor) -> tuple[Tensor, Tensor]:
+    """``(ReLU(selected), Σ_j ReLU(selected)[b, j] W_dec[indices[b, j]])``: the selected
+    latents ``[batch, m]`` with the sparse encoder backward attached, and their decoding
+    ``[batch, d_in]`` (no ``b_dec``). Both backward passes go through one :class:`ActiveLatents`
+    (one sort); the decoder uses ``F.embedding_bag`` where the CSR kernels do not apply (CUDA,
+    half precision, autocast), the same sums in another order."""
     active = ActiveLatents.from_topk(indices, sae.cfg.d_sae)
-    return encode_active(sae_in, sae.W_enc, sae.b_enc, sae.b_dec, active, selected.reshape(-1),
-                         sae.cfg.apply_b_dec_to_input).view_as(selected)
+    weights = torch.relu(encode_active(sae_in, sae.W_enc, sae.b_enc, sae.b_dec, active, selected.reshape(-1),
+                                       sae.cfg.apply_b_dec_to_input))
+    if _csr_decodable(sae.W_dec, weights):
+        return weights.view_as(selected), decode_active(weights, sae.W_dec, active)
+    weights = weights.view_as(selected)
+    return weights, F.embedding_bag(indices, sae.W_dec, per_sample_weights=weights, mode="sum")
+
+
+def _csr_decodable(W_dec: Tensor, weights: Tensor) -> bool:
+    """Whether MKL's CSR products apply: CPU, float32/float64, no autocast (which would cast them)."""
+    return (W_dec.device.type == "cpu" and W_dec.dtype in (torch.float32, torch.float64)
+            and weights.dtype == W_dec.dtype and not torch.is_autocast_enabled("cpu"))
 
 
 def _dead_topk(pre: Tensor, dead_ids: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
@@ -128,8 +141,8 @@ def topk_training_forward_sparse(sae: TopKSAE, x: Tensor, dead_mask: Tensor | No
         # under autocast ``scores`` are bfloat16; the selected entries continue in the weights' dtype
         raw = (top.values if norms is None else top.values / norms[top.indices]).to(sae.W_dec.dtype)
     # ReLU(h) weighs the rows of W_dec as they are; latents are reported as ReLU(h)·||W_dec,i||.
-    weights = torch.relu(_encode_selected(sae, sae_in, top.indices, raw))
-    sae_out = F.embedding_bag(top.indices, sae.W_dec, per_sample_weights=weights, mode="sum") + sae.b_dec
+    weights, decoded = _encode_decode_selected(sae, sae_in, top.indices, raw)
+    sae_out = decoded + sae.b_dec
     values = weights if norms is None else weights * norms[top.indices]
     aux_recon = None
     n_dead = 0 if dead_mask is None else int(dead_mask.sum())
@@ -153,8 +166,7 @@ def topk_training_forward_sparse(sae: TopKSAE, x: Tensor, dead_mask: Tensor | No
                 aux_scores, positions = _dead_topk(scores, dead_ids, k_aux)
                 aux_ids = dead_ids[positions]
                 aux_raw = (aux_scores if norms is None else aux_scores / norms[aux_ids]).to(sae.W_dec.dtype)
-            aux_acts = torch.relu(_encode_selected(sae, sae_in, aux_ids, aux_raw))
-            aux_recon = F.embedding_bag(aux_ids, sae.W_dec, per_sample_weights=aux_acts, mode="sum")
+            _, aux_recon = _encode_decode_selected(sae, sae_in, aux_ids, aux_raw)
     return TopKForward(values, top.indices, sae_out, aux_recon)
 
 
