@@ -40,13 +40,17 @@ tasks on a Dask cluster (:mod:`pipeline.distributed`) and land in the same folde
 from __future__ import annotations
 
 import difflib
+import fcntl
 import hashlib
 import itertools
 import json
+import os
 import re
+import socket
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from pipeline.cache import TORCH_DTYPES, describe_os_error
 from pipeline.checkpoint import RESUMABLE_CHANGES, list_checkpoints, load_resumable
@@ -298,9 +302,10 @@ def _slug(text: str) -> str:
 @dataclass
 class PointStatus:
     """Where a point stands before a sweep run: ``finished`` (skipped), ``new``, ``changed``
-    (``detail`` names what), ``failed`` (``detail``: the error) or ``unfinished`` (interrupted;
-    ``detail``: resumed from which step, or why from scratch). ``resume_from``: the checkpoint
-    folder an unfinished point resumes from, or None."""
+    (``detail`` names what), ``failed`` (``detail``: the error), ``unfinished`` (interrupted;
+    ``detail``: resumed from which step, or why from scratch) or ``running`` (another live run holds
+    its lock, :func:`claimed_points`; skipped). ``resume_from``: the checkpoint folder an unfinished
+    point resumes from, or None."""
 
     kind: str
     detail: str = ""
@@ -474,6 +479,7 @@ class SweepResult:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     groups: list[Group] = field(default_factory=list)
+    busy: list[str] = field(default_factory=list)  # being trained by another live run: left alone
 
 
 def run_sweep(sweep: Sweep, *, max_memory_gb: float = DEFAULT_MAX_MEMORY_GB, only: Sequence[str] = (),
@@ -504,20 +510,24 @@ def run_sweep(sweep: Sweep, *, max_memory_gb: float = DEFAULT_MAX_MEMORY_GB, onl
         raise ConfigError(f"max_memory_gb must be a positive number of GiB, got {max_memory_gb}.")
     points = _select(sweep, only)
     data = _open_streams(points)
-    statuses = {p.id: point_status(sweep.folder(p), p.cfg, data[stream_key(p.cfg)].identity) for p in points}
-    result = SweepResult(skipped=[p.id for p in points if statuses[p.id].kind == "finished"])
-    todo = [_resuming(p, statuses[p.id]) for p in points if statuses[p.id].kind != "finished"]
-    result.groups = plan_groups(todo, data, max_memory_gb * GIB)
-    _print_plan(sweep, points, statuses, result.groups, max_memory_gb)
-    if dry_run:
-        return result
-    write_index(sweep)
-    if scheduler is None:
-        _train_here(sweep, result, progress)
-    elif result.groups:
-        _train_on_cluster(sweep, result, scheduler, torch_threads)
+    with claimed_points(sweep, points, probe_only=dry_run) as elsewhere:
+        statuses = {p.id: PointStatus("running", f"elsewhere: {elsewhere[p.id]}") if p.id in elsewhere else
+                    point_status(sweep.folder(p), p.cfg, data[stream_key(p.cfg)].identity) for p in points}
+        result = SweepResult(skipped=[p.id for p in points if statuses[p.id].kind == "finished"],
+                             busy=list(elsewhere))
+        todo = [_resuming(p, statuses[p.id]) for p in points if statuses[p.id].kind not in ("finished", "running")]
+        result.groups = plan_groups(todo, data, max_memory_gb * GIB)
+        _print_plan(sweep, points, statuses, result.groups, max_memory_gb)
+        if dry_run:
+            return result
+        write_index(sweep)
+        if scheduler is None:
+            _train_here(sweep, result, progress)
+        elif result.groups:
+            _train_on_cluster(sweep, result, scheduler, torch_threads)
+    busy = f", {len(result.busy)} left to the run training them" if result.busy else ""
     print(f"sweep {sweep.name!r}: {len(result.trained)} trained, {len(result.skipped)} skipped (finished), "
-          f"{len(result.failed)} failed; folders under {sweep.output_path}")
+          f"{len(result.failed)} failed{busy}; folders under {sweep.output_path}")
     return result
 
 
@@ -541,10 +551,59 @@ def write_index(sweep: Sweep) -> None:
             "name": sweep.name, "source": sweep.source, "evaluate": sweep.evaluate,
             "points": [{"id": p.id, "params": p.params} for p in sweep.points]})
     except OSError as err:
-        raise SAEWriteError(f"cannot write the sweep folder {str(sweep.output_path)!r}: {describe_os_error(err, path)}. "
-                            "Nothing was trained. Fix: make it writable, or set the sweep file's top-level "
-                            "output_path to a folder on a writable filesystem, then rerun the same `sae-pipeline "
-                            "sweep` command.") from None
+        raise _folder_error(sweep, err, path) from None
+
+
+def _folder_error(sweep: Sweep, err: OSError, path: Path) -> SAEWriteError:
+    return SAEWriteError(f"cannot write the sweep folder {str(sweep.output_path)!r}: {describe_os_error(err, path)}. "
+                         "Nothing was trained. Fix: make it writable, or set the sweep file's top-level "
+                         "output_path to a folder on a writable filesystem, then rerun the same `sae-pipeline "
+                         "sweep` command.")
+
+
+@contextmanager
+def claimed_points(sweep: Sweep, points: Sequence[SweepPoint], *, probe_only: bool = False
+                   ) -> Iterator[dict[str, str]]:
+    """Hold an exclusive ``flock`` on ``<output_path>/.<id>.lock`` for each point this run may
+    train, so two runs of a sweep (or two DVC stages of one point) never train, reset or resume
+    the same point folder at once. The kernel drops a flock when its holder dies, so a killed run
+    leaves nothing to clean up.
+
+    With ``probe_only`` (a dry run) nothing is created or written: only existing lock files are
+    tried, and released at once.
+
+    Yields:
+        ``{point id: holder}`` of the points whose lock another live process holds (its pid and
+        host, as it wrote them); this run leaves those points alone.
+
+    Raises:
+        SAEWriteError: the sweep folder cannot be written (:func:`write_index`'s message).
+    """
+    held, elsewhere = [], {}
+    try:
+        for point in points:
+            lock = sweep.output_path / f".{point.id}.lock"
+            if probe_only and not lock.exists():
+                continue
+            try:
+                if not probe_only:
+                    lock.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(lock, os.O_RDONLY if probe_only else os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise _folder_error(sweep, err, lock) from None
+            held.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                elsewhere[point.id] = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+                continue
+            if not probe_only:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        yield elsewhere
+    finally:
+        for fd in held:
+            os.close(fd)
 
 
 def _select(sweep: Sweep, only: Sequence[str]) -> list[SweepPoint]:
@@ -634,12 +693,17 @@ def _error_line(err: BaseException) -> str:
 def _print_plan(sweep: Sweep, points: list[SweepPoint], statuses: dict[str, PointStatus], groups: list[Group],
                 max_memory_gb: float) -> None:
     n_todo = sum(len(g.points) for g in groups)
-    print(f"sweep {sweep.name!r}: {len(points)} points, {len(points) - n_todo} finished (skipped), {n_todo} to train "
+    n_busy = sum(statuses[p.id].kind == "running" for p in points)
+    busy = f"{n_busy} being trained by another run, " if n_busy else ""
+    print(f"sweep {sweep.name!r}: {len(points)} points, {len(points) - n_todo - n_busy} finished (skipped), {busy}"
+          f"{n_todo} to train "
           f"in {len(groups)} group{'s' * (len(groups) != 1)} (memory budget {max_memory_gb:g} GiB per group)")
     for p in points:
         status = statuses[p.id]
         if status.kind == "finished":
             print(f"  skip {p.id} (finished)")
+        elif status.kind == "running":
+            print(f"  skip {p.id} (being trained {status.detail})")
         elif status.kind != "new":
             print(f"  {'continue' if status.resume_from else 'retrain'} {p.id} ({status.kind}: {status.detail})")
     for n, group in enumerate(groups, 1):

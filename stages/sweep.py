@@ -18,8 +18,9 @@ def run(config_path: str, *, base_overrides: dict | None = None, max_memory_gb: 
     and report.
 
     Raises:
-        TrainingError: a point failed (after the report of the others), so scripts, CI and per-point
-            DVC stages see a non-zero exit.
+        TrainingError: a point failed (after the report of the others), or a point asked for by
+            ``only`` is being trained by another run, so scripts, CI and per-point DVC stages see a
+            non-zero exit.
     """
     sweep = load_sweep(config_path, base_overrides)
     result = run_sweep(sweep, max_memory_gb=max_memory_gb, only=only, dry_run=dry_run, scheduler=scheduler,
@@ -28,6 +29,9 @@ def run(config_path: str, *, base_overrides: dict | None = None, max_memory_gb: 
         report.run(sweep.output_path, ce_loss=ce_loss)
     if result.failed:
         raise TrainingError(f"point {', '.join(result.failed)} failed: {'; '.join(result.failed.values())}")
+    if only and result.busy:  # a per-point DVC stage must not pass without its SAE
+        raise TrainingError(f"point {', '.join(result.busy)} is being trained by another run (see the plan above); "
+                            "wait for it to finish, then rerun this command.")
     return result
 
 

@@ -491,3 +491,24 @@ def test_cli_sweep_dry_run_prints_the_plan(tmp_path):
     assert out.exit_code == 0, out.output
     assert "2 points, 0 finished (skipped), 2 to train in 1 group" in out.output
     assert re.search(r"group 1: 2 SAEs, ~0.00 GiB, up to 20 batches of 128 tokens", out.output)
+
+
+def test_a_point_another_run_is_training_is_left_alone_and_trained_once_it_is_free(tmp_path, capsys):
+    import os
+    import socket
+
+    from pipeline.sweep import claimed_points
+
+    cache = low_rank_cache(tmp_path / "cache")
+    sweep = load_sweep(write_sweep(tmp_path, cache.path, grid={"k": [2, 4]}))
+    busy, free = sweep.points
+    with claimed_points(sweep, [busy]) as elsewhere:  # as another run would hold it (a separate open file)
+        assert elsewhere == {}
+        result = run_sweep(sweep, progress=False)
+    out = capsys.readouterr().out
+    assert result.busy == [busy.id] and result.trained == [free.id]
+    assert not sweep.folder(busy).exists()  # never reset, resumed or written
+    assert f"skip {busy.id} (being trained elsewhere: pid {os.getpid()} on {socket.gethostname()})" in out
+    assert "2 points, 0 finished (skipped), 1 being trained by another run, 1 to train" in out
+    result = run_sweep(load_sweep(sweep.source), progress=False)  # the lock is free again
+    assert result.trained == [busy.id] and result.skipped == [free.id] and result.busy == []
