@@ -57,10 +57,6 @@ class ActiveLatents:
         crow[1:] = torch.bincount(rows, minlength=batch).cumsum(0)
         return cls(rows, flat - rows * d_sae, crow, batch, d_sae)
 
-    @property
-    def nnz(self) -> int:
-        return self.cols.numel()
-
     def by_token(self, values: Tensor) -> Tensor:
         """CSR ``[batch, d_sae]`` holding ``values: [nnz]``."""
         return _csr(self.crow, self.cols, _accumulating(values), (self.batch, self.d_sae))
@@ -78,6 +74,13 @@ class ActiveLatents:
     def per_latent(self, values: Tensor) -> Tensor:
         """``[d_sae]``: ``values: [nnz]`` summed per latent."""
         return torch.zeros(self.d_sae, dtype=values.dtype, device=values.device).index_add_(0, self.cols, values)
+
+
+def csr_kernels_apply(weight: Tensor) -> bool:
+    """Whether MKL's CSR products serve a step on ``weight``: CPU, float32/float64, no autocast
+    (which would cast their operands to bfloat16, which they lack)."""
+    return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled("cpu"))
 
 
 def _accumulating(values: Tensor) -> Tensor:

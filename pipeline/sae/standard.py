@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from pipeline.sae.base import SAE, SAEConfig, TrainStepOutput
-from pipeline.sae.sparse import ActiveLatents, decode_active, encode_active
+from pipeline.sae.sparse import ActiveLatents, csr_kernels_apply, decode_active, encode_active
 
 DECODER_INIT_NORM = 0.1  # April 2024 update: decoder rows start at norm 0.1
 # Largest fraction of a batch's latents that may be active for a training step to run on the active
@@ -103,9 +103,8 @@ class StandardSAE(SAE):
         """Whether this step may run on the active latents only (:mod:`pipeline.sae.sparse`): CPU
         float32/float64 (MKL's sparse kernels), no autocast, no ghost grads (which need every dead
         latent's pre-activation in the graph)."""
-        return (self.use_sparse_kernels and x.device.type == "cpu" and x.dim() == 2
-                and self.W_enc.dtype in (torch.float32, torch.float64) and not self.cfg.use_ghost_grads
-                and not torch.is_autocast_enabled("cpu"))
+        return (self.use_sparse_kernels and x.dim() == 2 and not self.cfg.use_ghost_grads
+                and csr_kernels_apply(self.W_enc))
 
     def _sparse_training_loss(self, x: Tensor, pre: Tensor, active: Tensor, sparsity_coefficient: float
                               ) -> TrainStepOutput:

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from pipeline.errors import ConfigError
 from pipeline.sae.base import SAE, SAEConfig, SparseLatents, TrainStepOutput
-from pipeline.sae.sparse import ActiveLatents, decode_active, encode_active
+from pipeline.sae.sparse import ActiveLatents, csr_kernels_apply, decode_active, encode_active
 
 
 def geometric_median(points: Tensor, n_iter: int = 100, eps: float = 1e-8) -> Tensor:
@@ -91,16 +91,10 @@ def _encode_decode_selected(sae: TopKSAE, sae_in: Tensor, indices: Tensor, selec
     active = ActiveLatents.from_topk(indices, sae.cfg.d_sae)
     weights = torch.relu(encode_active(sae_in, sae.W_enc, sae.b_enc, sae.b_dec, active, selected.reshape(-1),
                                        sae.cfg.apply_b_dec_to_input))
-    if _csr_decodable(sae.W_dec, weights):
+    if csr_kernels_apply(sae.W_dec) and weights.dtype == sae.W_dec.dtype:
         return weights.view_as(selected), decode_active(weights, sae.W_dec, active)
     weights = weights.view_as(selected)
     return weights, F.embedding_bag(indices, sae.W_dec, per_sample_weights=weights, mode="sum")
-
-
-def _csr_decodable(W_dec: Tensor, weights: Tensor) -> bool:
-    """Whether MKL's CSR products apply: CPU, float32/float64, no autocast (which would cast them)."""
-    return (W_dec.device.type == "cpu" and W_dec.dtype in (torch.float32, torch.float64)
-            and weights.dtype == W_dec.dtype and not torch.is_autocast_enabled("cpu"))
 
 
 def _dead_topk(pre: Tensor, dead_ids: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
