@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 from zarr.codecs import BloscCodec
 from zarr.storage import FsspecStore
 
+from pipeline.chunk_files import ChunkFileReader
 from pipeline.constants import CHECKSUMS_GROUP, COMPLETE_ATTR, LOCK_SUFFIX, TOKENS_ARRAY
 from pipeline.errors import CacheError, CacheWriteError
 
@@ -156,6 +157,7 @@ class ActivationCache:
         self.group = group
         self.attrs: dict[str, Any] = dict(group.attrs)
         self._checksums: dict[str, np.ndarray] = {}
+        self._readers: dict[str, ChunkFileReader | None] = {}
         self.layout = CacheLayout(
             n_seqs=self.attrs["n_seqs"],
             context_size=self.attrs["context_size"],
@@ -263,22 +265,35 @@ class ActivationCache:
         """Token ids ``[n_seqs, context_size]`` int32."""
         return self.group[TOKENS_ARRAY]
 
-    def read_chunk(self, hook_name: str, i: int, *, verify: bool = False) -> torch.Tensor:
+    def read_chunk(self, hook_name: str, i: int, *, verify: bool = False, out: np.ndarray | None = None) -> torch.Tensor:
         """Activations of chunk ``i``: ``[rows, d_in]`` in the stored dtype (CPU tensor).
 
         With ``verify`` the chunk's CRC-32 is checked against the one recorded when it was written.
+        ``out`` (from :meth:`chunk_buffer`) is filled and returned as a view instead of a new array.
 
         Raises:
             CacheError: the chunk cannot be decoded, or (``verify``) its checksum differs.
         """
         start, stop = self.layout.chunk_rows(i)
+        hook = self.resolve_hook(hook_name)
         try:
-            block = self.array(hook_name)[start:stop]
+            reader = self._reader(array_key(hook))
+            if reader is not None:
+                block = reader.read(i, out)
+            elif out is not None:
+                block = out[: stop - start]
+                block[:] = self.array(hook)[start:stop]
+            else:
+                block = self.array(hook)[start:stop]
         except Exception as e:  # codec and shard-index errors come in many types
             raise damaged_error(self, hook_name, [i], f"it cannot be decoded ({type(e).__name__})") from e
         if verify and chunk_checksum(block, self.checksum_algorithm) != self.recorded_checksum(hook_name, i):
             raise damaged_error(self, hook_name, [i], "its checksum differs from the one written")
         return from_storage(block, self.dtype)
+
+    def chunk_buffer(self, hook_name: str) -> np.ndarray:
+        """An empty ``[chunk_tokens, d_in]`` array in the storage dtype, for ``read_chunk(out=...)``."""
+        return np.empty((self.layout.chunk_tokens, self.d_in_of(hook_name)), _NUMPY_STORAGE[self.dtype])
 
     @property
     def checksum_algorithm(self) -> str:
@@ -301,9 +316,20 @@ class ActivationCache:
 
     def chunk_token_ids(self, i: int) -> np.ndarray:
         """Token id of every row of chunk ``i``: ``[rows]`` int32."""
+        reader = self._reader(TOKENS_ARRAY)  # one token chunk holds one activation chunk's sequences
+        if reader is not None:
+            return reader.read(i).reshape(-1)
         start, stop = self.layout.chunk_rows(i)
         ctx = self.layout.context_size
         return np.asarray(self.tokens[start // ctx : stop // ctx]).reshape(-1)
+
+    def _reader(self, key: str) -> ChunkFileReader | None:
+        """The direct chunk reader of array ``key`` (:mod:`pipeline.chunk_files`), or ``None``: zarr
+        reads it (a URL, a cache still being written, or a layout that reader does not know)."""
+        if key not in self._readers:
+            local = self.complete and not is_url(self.path)
+            self._readers[key] = ChunkFileReader.of(self.group[key]) if local else None
+        return self._readers[key]
 
     def statistics(self, hook_name: str) -> dict[str, Any]:
         """Per-hook statistics recorded at harvest: ``mean`` [d_in] and ``mean_norm`` (L2, float)."""

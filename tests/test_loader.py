@@ -103,3 +103,27 @@ def test_a_cache_copied_to_an_fsspec_memory_filesystem_serves_the_batches_of_its
     expected = {r for r in range(512) if r % 50 not in (0, 1)}
     ids = _ids(remote_batches[: len(expected) // 32])
     assert set(ids.tolist()) <= expected and len(set(ids.tolist())) == len(ids)
+
+
+def test_batches_kept_by_the_consumer_are_never_overwritten(id_cache):
+    """Batch memory is reused only once nothing aliases it: kept batches, views and arrays stay intact."""
+    settings = dict(batch_size=32, shuffle_buffer_tokens=128, seed=5, prefetch_batches=1, num_workers=1)
+    expected = [b.clone() for b in ActivationLoader(id_cache, **settings).batches(60)]
+    kept, views, arrays, addresses = [], [], [], set()
+    for i, b in enumerate(ActivationLoader(id_cache, **settings).batches(60)):
+        assert torch.equal(b, expected[i])
+        addresses.add(b.data_ptr())
+        if i % 4 == 0:
+            kept.append((i, b))
+        elif i % 4 == 1:
+            views.append((i, b[1:5]))
+        elif i % 4 == 2:
+            arrays.append((i, b.numpy()))
+        del b  # every 4th batch is dropped: its memory may serve a later batch
+    assert len(addresses) < 60  # memory was reused...
+    for i, b in kept:
+        assert torch.equal(b, expected[i])
+    for i, v in views:
+        assert torch.equal(v, expected[i][1:5])
+    for i, a in arrays:  # ...but never while anything could still read it
+        np.testing.assert_array_equal(a, expected[i].numpy())

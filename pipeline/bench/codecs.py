@@ -11,12 +11,16 @@ a harvest with those settings writes), then measured:
   checksum) over the training chunks in order, one thread;
 * the row's value: tokens/s of :class:`pipeline.loader.ActivationLoader` alone (its defaults:
   2 reading threads, 262,144-row shuffle buffer, special tokens dropped, float32 batches of
-  ``batch_size``), median of ``repeats`` runs of ``n_batches`` after a warm-up run.
+  ``batch_size``) once it serves batches (after its first), median of ``repeats`` runs of
+  ``n_batches`` after a warm-up run; beside it ``first_batch_seconds`` (filling the shuffle buffer
+  before the first batch) and ``loader_tokens_per_second_with_fill`` (the whole run).
 """
 
 from __future__ import annotations
 
 import shutil
+import statistics
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -37,8 +41,6 @@ def rewrite_cache(source: ActivationCache, dest: Path, compression: str, chunk_t
                   chunks_per_shard: int) -> tuple[ActivationCache, float]:
     """Copy ``source`` (all hooks, same rows, tokens, statistics and holdout tokens) to ``dest``
     with other storage settings. Returns ``(the new cache, seconds spent writing chunks)``."""
-    import time
-
     lay = source.layout
     chunk_tokens = chunk_tokens_for(lay.context_size, chunk_tokens)
     holdout_rows = len(source.holdout_chunks) * lay.chunk_tokens
@@ -74,13 +76,28 @@ def measure_cache(cache: ActivationCache, *, batch_size: int, n_batches: int, re
     def decode() -> int:
         return sum(cache.read_chunk(hook, c, verify=True).shape[0] for c in cache.train_chunks)
 
-    def load() -> int:
-        loader = ActivationLoader(cache, hook, batch_size=batch_size, exclude_token_ids=cache.special_token_ids)
-        return sum(b.shape[0] for b in loader.batches(n_batches))
-
     decode_rate, _ = median_rate(decode, repeats=repeats, warmup=1)
-    load_rate, samples = median_rate(load, repeats=repeats, warmup=1)
-    return {"decode": decode_rate, "loader": load_rate, "samples": samples}
+    runs = [_load(cache, hook, batch_size, n_batches) for _ in range(repeats + 1)][1:]  # the first warms up
+    return {"decode": decode_rate, "loader": statistics.median(r["steady"] for r in runs),
+            "samples": [r["steady"] for r in runs],
+            "first_batch_seconds": statistics.median(r["first_batch_seconds"] for r in runs),
+            "with_fill": statistics.median(r["with_fill"] for r in runs)}
+
+
+def _load(cache: ActivationCache, hook: str, batch_size: int, n_batches: int) -> dict:
+    """One run of the loader: tokens/s after its first batch (steady state), seconds to that first
+    batch (reading enough chunks to fill the shuffle buffer) and tokens/s over the whole run."""
+    loader = ActivationLoader(cache, hook, batch_size=batch_size, exclude_token_ids=cache.special_token_ids)
+    t0 = time.perf_counter()
+    rows = 0
+    for i, b in enumerate(loader.batches(n_batches)):
+        if i == 0:
+            t_first = time.perf_counter()
+        else:
+            rows += b.shape[0]
+    t_end = time.perf_counter()
+    return {"steady": rows / (t_end - t_first), "first_batch_seconds": t_first - t0,
+            "with_fill": (rows + batch_size) / (t_end - t0)}
 
 
 def codec_rows(source_path: str | Path, workdir: Path, *, candidates: Iterable[tuple[str, int, int]] = CANDIDATES,
@@ -100,7 +117,9 @@ def codec_rows(source_path: str | Path, workdir: Path, *, candidates: Iterable[t
         quality = {"bytes_per_token": folder_bytes(dest) / n_tokens,
                    "compression_ratio": raw / folder_bytes(dest, hook),
                    "encode_tokens_per_second": n_tokens / write_s,
-                   "decode_tokens_per_second": m["decode"]}
+                   "decode_tokens_per_second": m["decode"],
+                   "first_batch_seconds": m["first_batch_seconds"],
+                   "loader_tokens_per_second_with_fill": m["with_fill"]}
         config = {"compression": compression, "chunk_tokens": cache.layout.chunk_tokens,
                   "chunks_per_shard": per_shard, "dtype": cache.dtype, "batch_size": batch_size,
                   "n_batches": n_batches, "source": str(source_path), "n_tokens": n_tokens}

@@ -49,7 +49,7 @@ class Sizes:
     n_train_tokens: int = 65_536
     n_holdout_tokens: int = 8_192
     batch_size: int = 4096
-    loader_batches: int = 100
+    loader_batches: int = 400
     repeats: int = 3
     harvest_tokens: int = 16_384
     memory_sizes: tuple[int, ...] = (200_000, 2_000_000)
