@@ -30,7 +30,7 @@ import zarr
 from numcodecs import blosc
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
-from zarr.storage import LocalStore
+from zarr.storage import LocalStore, WrapperStore
 
 _EMPTY = np.uint64(2**64 - 1)  # the index entry of a chunk that was never written
 
@@ -56,7 +56,10 @@ class ChunkFileReader:
     @classmethod
     def of(cls, array: zarr.Array) -> "ChunkFileReader | None":
         """A reader for ``array``, or ``None`` when its store or codecs are not the layouts above."""
-        if not isinstance(array.store, LocalStore) or array.metadata.zarr_format != 3:
+        store = array.store
+        while isinstance(store, WrapperStore):  # e.g. a store that counts what is read
+            store = store._store
+        if not isinstance(store, LocalStore) or array.metadata.zarr_format != 3:
             return None
         if tuple(array.chunks[1:]) != tuple(array.shape[1:]):
             return None  # chunked along more than axis 0
@@ -74,7 +77,7 @@ class ChunkFileReader:
             return None
         if len(codecs) > 2 or (len(codecs) == 2 and not isinstance(codecs[1], BloscCodec)):
             return None
-        return cls(Path(array.store.root) / array.path, array, codecs, per_shard)
+        return cls(Path(store.root) / array.path, array, codecs, per_shard)
 
     def n_rows(self, i: int) -> int:
         """Rows of chunk ``i`` inside the array (the last chunk may be cut short)."""
@@ -101,11 +104,8 @@ class ChunkFileReader:
             if offset == _EMPTY:
                 raise ValueError(f"chunk {i} was never written")
             path = self.folder / self._key(shard)
-        with open(path, "rb") as f:
-            nbytes = os.fstat(f.fileno()).st_size if nbytes is None else int(nbytes)
-            raw = self._raw_buffer(nbytes)
-            if os.preadv(f.fileno(), [raw], int(offset)) != nbytes:
-                raise ValueError(f"chunk {i} is cut short")
+        raw = self._read_bytes(path, int(offset), None if nbytes is None else int(nbytes))
+        nbytes = len(raw)
         # a Blosc frame states its decoded size in header bytes 4-7 (Blosc 1 format)
         size = int.from_bytes(raw[4:8], "little") if self.compressed else nbytes
         if size != out.nbytes:
@@ -116,12 +116,23 @@ class ChunkFileReader:
             out.reshape(-1).view(np.uint8)[:] = raw
         return out[: self.n_rows(i)]
 
-    def _raw_buffer(self, nbytes: int) -> memoryview:
-        """A per-thread reusable read buffer of ``nbytes`` (fresh 5 MB buffers cost page faults)."""
-        buf = getattr(self._local, "buf", None)
-        if buf is None or buf.size < nbytes:
-            buf = self._local.buf = np.empty(nbytes, np.uint8)
-        return memoryview(buf[:nbytes])
+    def _read_bytes(self, path: Path, offset: int, nbytes: int | None) -> memoryview:
+        """``nbytes`` bytes of ``path`` from ``offset`` (``None``: the whole file) into this thread's
+        reusable buffer (fresh 5 MB buffers cost page faults). Every file read goes through here.
+
+        Raises:
+            ValueError: the file ends before ``offset + nbytes``.
+        """
+        with open(path, "rb") as f:
+            if nbytes is None:
+                nbytes = os.fstat(f.fileno()).st_size
+            buf = getattr(self._local, "buf", None)
+            if buf is None or buf.size < nbytes:
+                buf = self._local.buf = np.empty(nbytes, np.uint8)
+            raw = memoryview(buf[:nbytes])
+            if os.preadv(f.fileno(), [raw], offset) != nbytes:
+                raise ValueError(f"{path.name} is cut short")
+        return raw
 
     def _key(self, i: int) -> str:
         return self.array.metadata.encode_chunk_key((i,) + (0,) * (len(self.shape) - 1))
@@ -131,9 +142,8 @@ class ChunkFileReader:
         index = self._indexes.get(shard)
         if index is None:
             size = 16 * self.chunks_per_shard + 4
-            with open(self.folder / self._key(shard), "rb") as f:
-                f.seek(-size, os.SEEK_END)
-                tail = f.read(size)
+            path = self.folder / self._key(shard)
+            tail = bytes(self._read_bytes(path, path.stat().st_size - size, size))
             if google_crc32c.value(tail[:-4]) != int.from_bytes(tail[-4:], "little"):
                 raise ValueError(f"the index of shard {shard} fails its CRC-32C")
             index = np.frombuffer(tail[:-4], "<u8").reshape(self.chunks_per_shard, 2)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from pipeline.analysis.splice import replace_activation, splice_sae
 from pipeline.sae import SAE
+from pipeline.sae.base import count_true_per_column
 
 RECONSTRUCTION_KEYS = ("l0", "mse", "explained_variance", "cosine_similarity", "dead_fraction", "n_tokens")
 
@@ -121,7 +122,7 @@ class ReconstructionStats:
         if n_b == 0:
             return
         if feature_acts is not None:
-            firing_counts = (feature_acts.reshape(-1, feature_acts.shape[-1]) != 0).sum(0)
+            firing_counts = count_true_per_column(feature_acts.reshape(-1, feature_acts.shape[-1]) != 0)
         counts = firing_counts.detach().cpu().to(torch.int64)
         if counts.shape != (self.d_sae,):
             raise ValueError(f"firing counts must have shape [{self.d_sae}], got {list(counts.shape)}.")

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import numpy as np
 import torch
 
 from pipeline.errors import ConfigError
@@ -364,3 +365,30 @@ def test_standard_dense_batches_and_ghost_grads_stay_on_the_dense_graph(monkeypa
     with torch.no_grad():
         ghost.b_enc.fill_(-5.0)
     _standard_step(ghost, x, 1.0)
+
+
+@pytest.mark.parametrize("shape", [(4096, 3072), (300, 24), (130, 8), (127, 16), (64, 13), (1, 8)])
+def test_firing_counts_count_each_latents_positive_entries(shape):
+    from pipeline.sae.base import count_true_per_column
+
+    rng = np.random.default_rng(sum(shape))
+    acts = rng.normal(size=shape)
+    acts[:, 0] = 1.0  # a column that fires on every row: 4096 is past what one byte can count
+    mask = torch.from_numpy(acts > 0)
+    expected = torch.tensor([(acts[:, j] > 0).sum() for j in range(shape[1])], dtype=torch.int64)
+    assert torch.equal(count_true_per_column(mask), expected)
+
+
+def test_csr_products_and_the_blocked_transpose_equal_dense_arithmetic():
+    from pipeline.sae.sparse import ActiveLatents, csr_mm, transposed
+
+    torch.manual_seed(0)
+    dense = torch.randn(300, 130, dtype=torch.float64)
+    indices = torch.rand(300, 100).topk(7, dim=-1).indices
+    values = torch.rand(300 * 7, dtype=torch.float64)
+    active = ActiveLatents.from_topk(indices, 100)
+    matrix = torch.zeros(300, 100, dtype=torch.float64)
+    matrix[active.rows, active.cols] = values
+    assert torch.allclose(csr_mm(active.by_latent(values), dense), matrix.t() @ dense, atol=1e-12)
+    m = torch.randn(130, 77)
+    assert torch.equal(transposed(m, block=16), m.t()) and transposed(m).is_contiguous()

@@ -86,6 +86,7 @@ from zarr.storage import LocalStore, WrapperStore
 from pipeline.bench.measure import Row, add_ratios, peak_rss_mib
 from pipeline.bench.memory import _rss_mib, in_fresh_process
 from pipeline.cache import TORCH_DTYPES, ActivationCache, array_key
+from pipeline.chunk_files import ChunkFileReader
 from pipeline.config import TrainConfig
 from pipeline.constants import SAE_WEIGHTS_FILENAME
 from pipeline.errors import SaePipelineError
@@ -154,17 +155,26 @@ class CountingStore(WrapperStore):
 @contextlib.contextmanager
 def counting_cache_reads() -> Iterator[dict[str, int]]:
     """While active, every cache opened for reading (``zarr.open_group(path, mode="r")``, how
-    :meth:`pipeline.cache.ActivationCache.open` opens one) reads through a :class:`CountingStore`;
-    yields its ``counts``."""
+    :meth:`pipeline.cache.ActivationCache.open` opens one) reads through a :class:`CountingStore`,
+    and every chunk-file read of :mod:`pipeline.chunk_files` (the loader's path, which bypasses the
+    store) is counted under the same ``"<array>/c"`` key; yields the ``counts``."""
     counts: dict[str, int] = {}
-    original = zarr.open_group
+    original_open, original_read = zarr.open_group, ChunkFileReader._read_bytes
+    lock = threading.Lock()
 
     def open_counting(store=None, *, mode="a", **kwargs):
         if mode == "r" and isinstance(store, (str, Path)):
             store = CountingStore(LocalStore(str(store), read_only=True), counts)
-        return original(store, mode=mode, **kwargs)
+        return original_open(store, mode=mode, **kwargs)
 
-    with mock.patch.object(zarr, "open_group", open_counting):
+    def read_counting(reader, path, offset, nbytes):
+        raw = original_read(reader, path, offset, nbytes)
+        with lock:
+            counts[f"{reader.array.path}/c"] = counts.get(f"{reader.array.path}/c", 0) + len(raw)
+        return raw
+
+    with mock.patch.object(zarr, "open_group", open_counting), \
+            mock.patch.object(ChunkFileReader, "_read_bytes", read_counting):
         yield counts
 
 

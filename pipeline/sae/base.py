@@ -227,6 +227,23 @@ class TrainStepOutput:
                    feature_acts=acts, sae_out=sae_out.detach(), extra=dict(extra or {}))
 
 
+def count_true_per_column(mask: Tensor) -> Tensor:
+    """``[d]`` int64: the True entries of each column of ``mask: [n, d]`` (bool).
+
+    ``mask.sum(0)`` first widens every entry to int64 (8 bytes per bool: ~60 ms for a 4096 x 3072
+    batch on 2 cores). Here 8 columns travel in one int64 word, each in its own byte, and rows are
+    summed in blocks of 128, so a byte counts to at most 128 and never carries into its neighbour;
+    the per-block byte counts are then summed as usual (~15 ms).
+    """
+    n, d = mask.shape
+    full = n - n % 128
+    if d % 8 or not mask.is_contiguous() or full == 0:
+        return mask.sum(0)
+    words = mask[:full].view(torch.uint8).view(torch.int64).view(full // 128, 128, d // 8)
+    counts = words.sum(1).view(torch.uint8).view(full // 128, d).sum(0)
+    return counts + mask[full:].sum(0) if full < n else counts
+
+
 class _EncoderPre(torch.autograd.Function):
     """``h = (x - c) W_enc + b_enc`` with ``c = b_dec`` (``subtract_b_dec``) or 0.
 
@@ -371,7 +388,7 @@ class SAE(nn.Module):
         if isinstance(acts, SparseLatents):
             active = acts.indices[acts.values > 0]
             return torch.bincount(active.flatten(), minlength=acts.d_sae)
-        return (acts > 0).reshape(-1, acts.shape[-1]).sum(0)
+        return count_true_per_column((acts > 0).reshape(-1, acts.shape[-1]))
 
     @torch.no_grad()
     def initialize_from_activations(self, x_sample: Tensor) -> None:

@@ -87,6 +87,29 @@ def _accumulating(values: Tensor) -> Tensor:
     return values if values.dtype in (torch.float32, torch.float64) else values.float()
 
 
+def csr_mm(csr: Tensor, dense: Tensor) -> Tensor:
+    """``csr @ dense`` (CPU CSR times dense, float32/float64) into a fresh row-major result.
+
+    ``csr @ dense`` zero-fills its result and copies it once more; ``addmm`` with ``beta=0`` into
+    an empty tensor writes it once (about half the time for a [4608, 4096] x [4096, 576] product
+    with 32 entries per column).
+    """
+    out = torch.empty(csr.shape[0], dense.shape[1], dtype=dense.dtype, device=dense.device)
+    return torch.addmm(out, csr, dense, beta=0.0, out=out)
+
+
+def transposed(m: Tensor, block: int = 64) -> Tensor:
+    """``m.t()`` as a contiguous tensor, copied in column blocks of ``block`` rows of ``m``.
+
+    Autograd would otherwise copy a transposed gradient into its parameter's layout with one
+    strided pass (~14 ms for [4608, 576] on 2 cores); block by block the reads stay in cache (~5 ms).
+    """
+    out = torch.empty(m.shape[1], m.shape[0], dtype=m.dtype, device=m.device)
+    for start in range(0, m.shape[0], block):
+        out[:, start : start + block].copy_(m[start : start + block].t())
+    return out
+
+
 def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
@@ -110,7 +133,7 @@ class _SparseEncoderGrad(torch.autograd.Function):
         grad_W_enc = grad_b_enc = grad_b_dec = None
         if ctx.needs_input_grad[1]:
             by_latent = active.by_latent(grad)
-            grad_W_enc = (by_latent @ sae_in.to(by_latent.dtype)).t().to(grad.dtype)
+            grad_W_enc = transposed(csr_mm(by_latent, sae_in.to(by_latent.dtype))).to(grad.dtype)
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             per_latent = active.per_latent(grad)
             grad_b_enc = per_latent if ctx.needs_input_grad[2] else None
@@ -145,7 +168,7 @@ class _SparseDecode(torch.autograd.Function):
             sampled = torch.sparse.sampled_addmm(active.by_token(values), grad, W_dec.t(), beta=0.0)
             grad_values = sampled.values()
         if ctx.needs_input_grad[1]:
-            grad_W_dec = active.by_latent(values) @ grad
+            grad_W_dec = csr_mm(active.by_latent(values), grad)
         return grad_values, grad_W_dec, None
 
 
