@@ -548,26 +548,32 @@ def verify(cache: ActivationCache, *, progress: bool = True) -> dict[str, list[i
 
 
 def compute_statistics(cache: ActivationCache, hook_name: str, *, exclude_token_ids=()) -> dict[str, Any]:
-    """Mean activation ``[d_in]`` and mean L2 norm over the cache with dask, out of core.
+    """Mean activation ``[d_in]`` and mean L2 norm over the cache, out of core, one chunk per dask
+    task (float64 sums of each chunk's kept rows, then added up): memory is a few chunks at a time
+    whatever the cache's size.
 
     Rows whose token id is in ``exclude_token_ids`` (BOS/EOS/padding, whose activations are
     outliers) are left out. Returns ``{"mean": list[float], "mean_norm": float, "n_rows": int}``.
-    """
-    import dask.array as da
 
-    arr = da.from_zarr(cache.array(hook_name))
-    if cache.dtype == "bfloat16":
-        arr = arr.map_blocks(lambda b: from_storage(b, "bfloat16").float().numpy(), dtype=np.float32)
-    arr = arr.astype(np.float64)
-    tokens = np.asarray(cache.tokens[:]).reshape(-1)
-    keep = ~np.isin(tokens, np.asarray(list(exclude_token_ids), dtype=np.int64))
-    keep_da = da.from_array(keep, chunks=(arr.chunks[0],))
-    n = int(keep.sum())
+    Raises:
+        CacheError: every row is excluded, or a chunk cannot be read.
+    """
+    import dask
+
+    exclude = np.asarray(list(exclude_token_ids), dtype=np.int64)
+
+    def chunk_sums(i: int) -> np.ndarray:  # [d_in + 2]: Σ rows, Σ norms, rows kept
+        x = cache.read_chunk(hook_name, i).double()[torch.from_numpy(~np.isin(cache.chunk_token_ids(i), exclude))]
+        return np.concatenate([x.sum(0).numpy(), [float(x.norm(dim=1).sum()), x.shape[0]]])
+
+    sums = np.zeros(cache.d_in_of(hook_name) + 2)
+    for start in range(0, cache.layout.n_chunks, 256):  # a bounded graph and result list per round
+        stop = min(start + 256, cache.layout.n_chunks)
+        sums += np.sum(dask.compute(*[dask.delayed(chunk_sums)(i) for i in range(start, stop)]), axis=0)
+    n = int(sums[-1])
     if n == 0:
         raise CacheError("every row of the cache is a special token; nothing to compute statistics on.")
-    masked = arr * keep_da[:, None]
-    total, norm_total = da.compute(masked.sum(axis=0), (da.sqrt((arr**2).sum(axis=1)) * keep_da).sum())
-    return {"mean": (total / n).tolist(), "mean_norm": float(norm_total / n), "n_rows": n}
+    return {"mean": (sums[:-2] / n).tolist(), "mean_norm": float(sums[-2] / n), "n_rows": n}
 
 
 # Activation codecs (``compression``), measured by ``pipeline.bench.codecs`` (``sae-pipeline bench

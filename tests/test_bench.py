@@ -47,15 +47,23 @@ def test_codec_rows_report_sizes_that_match_the_files(real_cache, tmp_path):
     assert not list(tmp_path.iterdir())  # the rewritten caches are removed after measuring
 
 
-def test_timed_steps_drop_the_warm_up_and_time_whole_blocks():
+def test_interleaved_rates_warm_up_untimed_then_take_turns_block_by_block():
     bench = training_speed.StepBench("t", steps=11, warmup_steps=3, block_steps=4, batch_size=2)
-    data = training_speed.Data(None, "h", torch.zeros(6, 3), torch.zeros(2, 3), 1.0)
-    seen = []
-    _, rates = training_speed.timed_steps(lambda x: seen.append(x.shape[0]), data, bench)
-    assert len(seen) == 11 and len(rates) == 2  # steps 4-7 and 8-11 are the timed blocks
+    data = training_speed.Data(None, "h", torch.arange(6.0)[:, None].repeat(1, 3), torch.zeros(2, 3), 1.0)
+    calls = []
+    variants = [training_speed.Variant(name, lambda x, name=name: calls.append((name, int(x[0, 0]))), dict)
+                for name in ("a", "b")]
+    rates = training_speed.interleaved_rates(variants, data, bench)
+    assert {k: len(v) for k, v in rates.items()} == {"a": 2, "b": 2}  # steps 4-7 and 8-11 are the timed blocks
+    firsts = [0, 2, 4, 0, 2, 4]  # the first row of each of the 3 cycled batches of 2 rows
+    a_then_b = [("a", r) for r in firsts[:3]] + [("b", r) for r in firsts[:3]]  # the warm-up
+    for block in range(2):
+        steps = [firsts[i % 3] for i in range(3 + 4 * block, 7 + 4 * block)]
+        a_then_b += [("a", r) for r in steps] + [("b", r) for r in steps]
+    assert calls == a_then_b  # the same batches, in turn
     with pytest.raises(ValueError, match="raise steps"):
-        training_speed.timed_steps(lambda x: None, data, training_speed.StepBench("t", steps=4, warmup_steps=3,
-                                                                                   block_steps=4, batch_size=2))
+        training_speed.interleaved_rates(variants, data, training_speed.StepBench("t", steps=4, warmup_steps=3,
+                                                                                  block_steps=4, batch_size=2))
 
 
 def test_held_out_quality_is_the_evaluate_stage_definition():
@@ -94,14 +102,21 @@ def test_goals_compare_the_right_rows():
         Row("memory_train", "2000000 tokens", 1050.0, "MiB", reference="200000 tokens"),
     ])
     by_name = {g.name: g for g in suite.goals(rows)}
-    assert by_name["TopK fp32 tokens/s vs SAELens"].measured == pytest.approx(6.0)
-    assert by_name["TopK fp32 tokens/s vs SAELens"].met is True
+    assert by_name["TopK fp32 tokens/s vs SAELens (paired blocks)"].measured == pytest.approx(6.0)
+    assert by_name["TopK fp32 tokens/s vs SAELens (paired blocks)"].met is True
     assert by_name["TopK fp32 held-out EV minus SAELens's"].measured == pytest.approx(-0.01)
     assert by_name["TopK fp32 held-out EV minus SAELens's"].met is False
     assert by_name["loader tokens/s / fastest trainer's"].measured == pytest.approx(30.0)
     assert by_name["loader tokens/s (default cache format)"].met is False
     assert by_name["training peak memory growth, largest vs smallest cache"].measured == pytest.approx(0.05)
-    assert by_name["standard tokens/s vs SAELens"].met is None  # not run: unmeasured, not failed
+    assert by_name["standard tokens/s vs SAELens (paired blocks)"].met is None  # not run: unmeasured, not failed
+    # a row measured in rounds with its reference is judged on the median of the per-round ratios
+    paired = add_ratios([
+        Row("train_standard", "ours fp32", 9_000.0, "tokens/s", quality={"paired_ratio": 1.6}, reference="SAELens"),
+        Row("train_standard", "SAELens", 6_400.0, "tokens/s"),
+    ])
+    goal = {g.name: g for g in suite.goals(paired)}["standard tokens/s vs SAELens (paired blocks)"]
+    assert paired[0].ratio == pytest.approx(9_000 / 6_400) and goal.measured == 1.6 and goal.met is True
 
 
 def test_median_rate_warms_up_then_takes_the_median():

@@ -6,7 +6,10 @@ training rows cycled as batches of ``batch_size``, the first ``n_holdout_tokens`
 holdout chunks for quality. Each variant trains one SAE from the same seed for ``steps`` steps:
 
 * speed: the first ``warmup_steps`` are not timed; the rest are timed in blocks of ``block_steps``
-  and the figure is the median block's tokens/s (so speed and quality come from one run);
+  and the figure is the median block's tokens/s (so speed and quality come from one run). The
+  variants of a case take turns block by block (:func:`interleaved_rates`), and each row compared
+  with another carries ``paired_ratio``, the median of the per-round ratios: the goals use it,
+  since a shared machine's speed drifts more between minutes than between neighbouring blocks;
 * quality: held-out explained variance, L0 and dead fraction after the last step, computed by
   :class:`pipeline.evals.ReconstructionStats` for both tools on the same held-out rows (what
   ``sae-pipeline evaluate`` reports).
@@ -20,6 +23,7 @@ objective). ``scaling_rows`` times ours alone over d_sae and k.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -52,6 +56,17 @@ class StepBench:
     block_steps: int = 30
     seed: int = 42
     device: str = "cpu"
+
+
+@dataclass
+class Variant:
+    """One trainer under test: its row name, one training step on a batch, its held-out quality
+    after training, and the variant its speed is compared with."""
+
+    name: str
+    step: Callable[[torch.Tensor], Any]
+    quality: Callable[[], dict[str, float]]
+    reference: str | None = None
 
 
 @dataclass
@@ -89,29 +104,6 @@ def train_config(bench: StepBench, data: Data, **extra: Any) -> TrainConfig:
         **bench.settings, **extra})
 
 
-def timed_steps(step: Callable[[torch.Tensor], Any], data: Data, bench: StepBench) -> tuple[float, list[float]]:
-    """Run ``bench.steps`` calls of ``step`` over the cycled training batches.
-
-    Returns:
-        ``(median tokens/s over the timed blocks, tokens/s of each block)``.
-    """
-    batches = data.train.split(bench.batch_size)
-    rates: list[float] = []
-    t0 = time.perf_counter()
-    for i in range(bench.steps):
-        step(batches[i % len(batches)])
-        done = i + 1 - bench.warmup_steps
-        if done >= 0 and done % bench.block_steps == 0:
-            _synchronize(bench.device)  # a CUDA step is only done when its kernels are
-            if done > 0:
-                rates.append(bench.block_steps * bench.batch_size / (time.perf_counter() - t0))
-            t0 = time.perf_counter()
-    if not rates:
-        raise ValueError(f"{bench.case}: steps {bench.steps} leave no timed block after {bench.warmup_steps} "
-                         f"warm-up steps of blocks of {bench.block_steps}; raise steps.")
-    return statistics.median(rates), rates
-
-
 def _synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -129,21 +121,22 @@ def held_out_quality(encode: Callable, decode: Callable, holdout: torch.Tensor, 
     return {k: float(m[k]) for k in ("explained_variance", "l0", "dead_fraction")}
 
 
-def run_ours(bench: StepBench, data: Data, *, autocast: bool = False) -> Row:
+def ours_variant(bench: StepBench, data: Data, *, autocast: bool = False) -> Variant:
     """Our trainer on the bench; ``autocast`` trains with bf16 matmuls."""
     cfg = train_config(bench, data, autocast=autocast)
     torch.manual_seed(cfg.seed)
     sae = build_sae(cfg, data.train.shape[1], data.hook, data.cache.attrs["model_name"], {})
     init_b_dec(sae, data.train[:16_384], cfg.b_dec_init_method)
     trainer = Trainer(sae, cfg)
-    median, rates = timed_steps(trainer.step, data, bench)
-    sae.eval()
-    quality = held_out_quality(sae.encode, sae.decode, data.holdout, bench.d_sae)
-    return Row(bench.case, "ours bf16" if autocast else "ours fp32", median, "tokens/s", rates, quality,
-               _row_config(bench, data), reference="SAELens")
+
+    def quality() -> dict[str, float]:
+        sae.eval()
+        return held_out_quality(sae.encode, sae.decode, data.holdout, bench.d_sae)
+
+    return Variant("ours bf16" if autocast else "ours fp32", trainer.step, quality, reference="SAELens")
 
 
-def run_saelens(bench: StepBench, data: Data) -> Row:
+def saelens_variant(bench: StepBench, data: Data) -> Variant:
     """SAELens's training SAE of the same architecture, stepped by its own ``SAETrainer``."""
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.registry import get_sae_training_class
@@ -171,10 +164,11 @@ def run_saelens(bench: StepBench, data: Data) -> Row:
         trainer.step(x)  # rows are already scaled: SAELens's scaler has no factor, so it passes them on
         trainer.n_training_steps += 1
 
-    median, rates = timed_steps(step, data, bench)
-    sae.eval()
-    quality = held_out_quality(sae.encode, sae.decode, data.holdout, bench.d_sae)
-    return Row(bench.case, "SAELens", median, "tokens/s", rates, quality, _row_config(bench, data))
+    def quality() -> dict[str, float]:
+        sae.eval()
+        return held_out_quality(sae.encode, sae.decode, data.holdout, bench.d_sae)
+
+    return Variant("SAELens", step, quality)
 
 
 def _row_config(bench: StepBench, data: Data) -> dict[str, Any]:
@@ -183,32 +177,77 @@ def _row_config(bench: StepBench, data: Data) -> dict[str, Any]:
 
 
 def training_rows(cache_path: str, benches: list[StepBench], *, saelens: bool = True, bf16: bool = True) -> list[Row]:
-    """Ours fp32 (and bf16), and SAELens, on each bench; ours reference SAELens."""
+    """Ours fp32 (and bf16), and SAELens, on each bench, timed in interleaved blocks; ours
+    reference SAELens."""
     rows = []
     for bench in benches:
         data = load_data(cache_path, bench)
-        rows.append(run_ours(bench, data))
-        if bf16:
-            rows.append(run_ours(bench, data, autocast=True))
-        if saelens:
-            rows.append(run_saelens(bench, data))
+        variants = [ours_variant(bench, data)] + ([ours_variant(bench, data, autocast=True)] if bf16 else [])
+        variants += [saelens_variant(bench, data)] if saelens else []
+        rows += measured_rows(variants, data, bench, {v.name: bench for v in variants})
     return rows
+
+
+def measured_rows(variants: list[Variant], data: Data, bench: StepBench,
+                  configs: dict[str, StepBench]) -> list[Row]:
+    """One row per variant (case ``bench.case``): the median of its blocks' tokens/s from
+    :func:`interleaved_rates`, its held-out quality, and ``paired_ratio``: the median over rounds
+    of its rate over its reference's in the same round."""
+    rates = interleaved_rates(variants, data, bench)
+    rows = []
+    for v in variants:
+        quality = v.quality()
+        ref = rates.get(v.reference) if v.reference else None
+        if ref is not None and v.reference != v.name:
+            quality["paired_ratio"] = statistics.median(a / b for a, b in zip(rates[v.name], ref))
+        rows.append(Row(bench.case, v.name, statistics.median(rates[v.name]), "tokens/s", rates[v.name], quality,
+                        _row_config(configs[v.name], data), reference=v.reference if ref is not None else None))
+    return rows
+
+
+def interleaved_rates(variants: list[Variant], data: Data, bench: StepBench) -> dict[str, list[float]]:
+    """Tokens/s of each variant per timed block, the variants taking turns block by block.
+
+    Each variant first runs ``bench.warmup_steps`` untimed steps, then the rounds: in each, every
+    variant runs ``bench.block_steps`` timed steps on the same cycled batches. A shared machine's
+    speed drifts by 30% within minutes; variants timed in the same round see the same conditions, so
+    their per-round ratio is steadier than a ratio of medians taken minutes apart.
+
+    Raises:
+        ValueError: ``bench.steps`` leaves no timed block after the warm-up.
+    """
+    batches = data.train.split(bench.batch_size)
+    n_blocks = (bench.steps - bench.warmup_steps) // bench.block_steps
+    if n_blocks < 1:
+        raise ValueError(f"{bench.case}: steps {bench.steps} leave no timed block after {bench.warmup_steps} "
+                         f"warm-up steps of blocks of {bench.block_steps}; raise steps.")
+    for v in variants:
+        for i in range(bench.warmup_steps):
+            v.step(batches[i % len(batches)])
+    rates: dict[str, list[float]] = {v.name: [] for v in variants}
+    for block in range(n_blocks):
+        first = bench.warmup_steps + block * bench.block_steps
+        for v in variants:
+            _synchronize(bench.device)
+            t0 = time.perf_counter()
+            for i in range(first, first + bench.block_steps):
+                v.step(batches[i % len(batches)])
+            _synchronize(bench.device)  # a CUDA step is only done when its kernels are
+            rates[v.name].append(bench.block_steps * bench.batch_size / (time.perf_counter() - t0))
+    return rates
 
 
 def scaling_rows(cache_path: str, base: StepBench, d_saes=(2304, 4608, 9216), ks=(16, 32, 64, 128)) -> list[Row]:
-    """Our fp32 TopK tokens/s as d_sae grows (k fixed) and as k grows (d_sae fixed); each row
-    references the smallest of its series, so ``ratio`` is the relative speed."""
+    """Our fp32 TopK tokens/s as d_sae grows (k fixed) and as k grows (d_sae fixed), each series
+    timed in interleaved blocks; each row references the smallest of its series, so ``ratio``
+    (and ``paired_ratio``) is the relative speed."""
     data = load_data(cache_path, base)
     rows = []
-    for d_sae in d_saes:
-        b = StepBench(**{**base.__dict__, "case": "scaling_d_sae", "d_sae": d_sae})
-        rows.append(_renamed(run_ours(b, data), f"d_sae {d_sae}", f"d_sae {d_saes[0]}"))
-    for k in ks:
-        b = StepBench(**{**base.__dict__, "case": "scaling_k", "settings": {**base.settings, "k": k}})
-        rows.append(_renamed(run_ours(b, data), f"k {k}", f"k {ks[0]}"))
+    for case, values, vary in (("scaling_d_sae", d_saes, lambda v: {"d_sae": v}),
+                               ("scaling_k", ks, lambda v: {"settings": {**base.settings, "k": v}})):
+        name = "d_sae" if case == "scaling_d_sae" else "k"
+        benches = {f"{name} {v}": StepBench(**{**base.__dict__, "case": case, **vary(v)}) for v in values}
+        variants = [dataclasses.replace(ours_variant(b, data), name=n, reference=f"{name} {values[0]}")
+                    for n, b in benches.items()]
+        rows += measured_rows(variants, data, benches[f"{name} {values[0]}"], benches)
     return rows
-
-
-def _renamed(row: Row, variant: str, reference: str) -> Row:
-    row.variant, row.reference = variant, reference
-    return row
