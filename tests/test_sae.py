@@ -392,3 +392,25 @@ def test_csr_products_and_the_blocked_transpose_equal_dense_arithmetic():
     assert torch.allclose(csr_mm(active.by_latent(values), dense), matrix.t() @ dense, atol=1e-12)
     m = torch.randn(130, 77)
     assert torch.equal(transposed(m, block=16), m.t()) and transposed(m).is_contiguous()
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (4, 16, 48)])
+def test_the_fused_relu_and_weighted_l1_node_has_autograds_gradients(shape):
+    from pipeline.sae.standard import _ReLUWeightedL1
+
+    torch.manual_seed(0)
+    h = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    norms = torch.rand(shape[-1], dtype=torch.float64, requires_grad=True)
+    W = torch.randn(shape[-1], 5, dtype=torch.float64)
+
+    def plain(h, norms):  # ReLU, decoder-like product and L1 term, as autograd sees them
+        f = torch.relu(h)
+        return (f @ W).pow(2).sum() + 3.0 * (f @ norms).mean()
+
+    def fused(h, norms):
+        f, s = _ReLUWeightedL1.apply(h.clone(), norms)
+        return (f @ W).pow(2).sum() + 3.0 * s
+
+    assert torch.allclose(plain(h, norms), fused(h, norms), rtol=1e-14)
+    for a, b in zip(torch.autograd.grad(plain(h, norms), (h, norms)), torch.autograd.grad(fused(h, norms), (h, norms))):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)

@@ -44,6 +44,31 @@ DECODER_INIT_NORM = 0.1  # April 2024 update: decoder rows start at norm 0.1
 SPARSE_MAX_DENSITY = 0.05
 
 
+class _ReLUWeightedL1(torch.autograd.Function):
+    """``f = ReLU(h)`` and ``s = mean_b Σ_i f_bi n_i`` (``h: [batch, d_sae]``, ``n = ||W_dec,i||``) as
+    one node, ReLU applied to ``h`` in place.
+
+    Backward: ``∂L/∂h = 1[f > 0] ⊙ (∂L/∂f + (∂L/∂s / batch) n)`` and ``∂L/∂n = (∂L/∂s / batch) Σ_b f_b``:
+    autograd's graph of the same expression forms the ``[batch, d_sae]`` outer product of the L1
+    term and adds it separately (two more passes over the batch's latents and one more tensor).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden_pre, norms):  # type: ignore[override]
+        f = hidden_pre.relu_()
+        ctx.mark_dirty(f)
+        ctx.save_for_backward(f, norms)
+        return f, (f @ norms).mean()
+
+    @staticmethod
+    def backward(ctx, grad_f, grad_s):  # type: ignore[override]
+        f, norms = ctx.saved_tensors
+        rows = f.reshape(-1, f.shape[-1])
+        per_row = grad_s / rows.shape[0]
+        grad = (norms * per_row).expand_as(f) if grad_f is None else grad_f + norms * per_row
+        return torch.ops.aten.threshold_backward(grad, f, 0.0), rows.sum(0) * per_row
+
+
 class StandardSAE(SAE):
     """ReLU SAE; parameters as in :class:`pipeline.sae.base.SAE`."""
 
@@ -83,10 +108,13 @@ class StandardSAE(SAE):
             if float((pre[::16] > 0).float().mean()) <= SPARSE_MAX_DENSITY:
                 active = (pre > 0).view(-1).nonzero().squeeze(1)
                 return self._sparse_training_loss(x, pre, active, sparsity_coefficient)
-        feature_acts = torch.relu(hidden_pre)
+        if self.cfg.use_ghost_grads:  # ghost grads read the raw pre-activations
+            feature_acts = torch.relu(hidden_pre)
+            sparsity_loss = (feature_acts @ self.W_dec.norm(dim=1)).mean()
+        else:
+            feature_acts, sparsity_loss = _ReLUWeightedL1.apply(hidden_pre, self.W_dec.norm(dim=1))
         sae_out = self.decode(feature_acts)
         mse_loss = (sae_out - x).pow(2).sum(-1).mean()
-        sparsity_loss = (feature_acts @ self.W_dec.norm(dim=1)).mean()
         loss = mse_loss + sparsity_coefficient * sparsity_loss
         extra: dict[str, float] = {}
         if self.cfg.use_ghost_grads:
