@@ -316,12 +316,14 @@ class ActivationCache:
 
     def chunk_token_ids(self, i: int) -> np.ndarray:
         """Token id of every row of chunk ``i``: ``[rows]`` int32."""
-        reader = self._reader(TOKENS_ARRAY)  # one token chunk holds one activation chunk's sequences
-        if reader is not None:
-            return reader.read(i).reshape(-1)
         start, stop = self.layout.chunk_rows(i)
         ctx = self.layout.context_size
-        return np.asarray(self.tokens[start // ctx : stop // ctx]).reshape(-1)
+        try:
+            reader = self._reader(TOKENS_ARRAY)  # one token chunk holds one activation chunk's sequences
+            ids = reader.read(i) if reader is not None else np.asarray(self.tokens[start // ctx : stop // ctx])
+        except Exception as e:  # codec and file errors come in many types
+            raise damaged_error(self, TOKENS_ARRAY, [i], f"its token ids cannot be decoded ({type(e).__name__})") from e
+        return ids.reshape(-1)
 
     def _reader(self, key: str) -> ChunkFileReader | None:
         """The direct chunk reader of array ``key`` (:mod:`pipeline.chunk_files`), or ``None``: zarr
@@ -472,17 +474,21 @@ def _attribute_problems(attrs: dict[str, Any]) -> list[str]:
 def _array_problems(attrs: dict[str, Any], group: zarr.Group) -> list[str]:
     """Arrays missing or shaped unlike the attributes say (only when the attributes are sound)."""
     n_tokens = attrs["n_seqs"] * attrs["context_size"]
-    expected = {array_key(h): (n_tokens, attrs["d_in"][h]) for h in attrs["hook_names"]}
-    expected[TOKENS_ARRAY] = (attrs["n_seqs"], attrs["context_size"])
+    storage = np.dtype(_NUMPY_STORAGE.get(attrs["dtype"], attrs["dtype"]))
+    expected = {array_key(h): ((n_tokens, attrs["d_in"][h]), storage) for h in attrs["hook_names"]}
+    expected[TOKENS_ARRAY] = ((attrs["n_seqs"], attrs["context_size"]), np.dtype("int32"))
     problems = []
-    for name, shape in expected.items():
+    for name, (shape, dtype) in expected.items():
         try:
-            actual = tuple(group[name].shape)
+            array = group[name]
+            actual, actual_dtype = tuple(array.shape), np.dtype(array.dtype)
         except Exception:  # zarr raises KeyError or its own errors for a missing or unreadable node
             problems.append(f"array {name!r} is missing or unreadable")
             continue
         if actual != shape:
             problems.append(f"array {name!r} has shape {list(actual)}, the attributes say {list(shape)}")
+        if actual_dtype != dtype:
+            problems.append(f"array {name!r} holds {actual_dtype}, the attributes say {dtype}")
     if attrs["n_tokens"] != n_tokens:
         problems.append(f"n_tokens is {attrs['n_tokens']}, n_seqs × context_size is {n_tokens}")
     if attrs["n_holdout_chunks"] >= math.ceil(n_tokens / attrs["chunk_tokens"]) or attrs["chunk_tokens"] % attrs["context_size"]:

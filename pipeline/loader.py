@@ -28,6 +28,7 @@ Rows whose token is special (BOS/EOS/padding; outliers in norm) are dropped when
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -290,28 +291,36 @@ class _RowStore:
 _use_count = getattr(torch._C, "_storage_Use_Count", None)  # torch's reference count of a storage
 
 
-class _Recycler:
-    """Float32 batch blocks, reused once nothing aliases them any more.
+def _holders(block: torch.Tensor) -> tuple[int, int]:
+    """``(tensors sharing block's memory, Python references to its storage object)``: the first
+    counts views, ``.numpy()`` arrays and the like; a storage object kept on its own
+    (``b.untyped_storage()``) does not raise it, so its own reference count is read too."""
+    storage = block.untyped_storage()
+    return _use_count(storage._cdata), sys.getrefcount(storage)
 
-    Each batch is handed out as a new view of a block kept here, so the block's storage use count
-    (torch's own count of the tensors, views and numpy arrays sharing that memory) tells whether
-    anything can still read it: a batch the consumer keeps is never overwritten. Reuse spares the
-    ~2,300 page faults of each fresh 9 MB batch, which the kernel serialises across threads
-    (measured: they cost the loader about a third of its speed). Without the count (another torch
-    build) every batch is new.
+
+class _Recycler:
+    """Float32 batch blocks, reused once nothing holds them any more.
+
+    Each batch is handed out as a new view of a block kept here, so the block's holders (see
+    :func:`_holders`: the tensors, views and arrays sharing its memory and the references to its
+    storage object) tell whether anything can still read it: a batch the consumer keeps, or any part
+    of it, is never overwritten. Reuse spares the ~2,300 page faults of each fresh 9 MB batch, which
+    the kernel serialises across threads (measured: they cost the loader about a third of its
+    speed). Without torch's count (another torch build) every batch is new.
     """
 
     def __init__(self, limit: int):
-        self.blocks: list[tuple[torch.Tensor, int]] = []  # (block, its use count when unaliased)
+        self.blocks: list[tuple[torch.Tensor, tuple[int, int]]] = []  # (block, its holders when idle)
         self.limit = limit
         self.lock = threading.Lock()
 
     def take(self, shape: torch.Size) -> torch.Tensor:
         with self.lock:  # the view is made under the lock, so no other thread can pick the same block
             for block, idle in self.blocks:
-                if block.shape == shape and _use_count(block.untyped_storage()._cdata) == idle:
+                if block.shape == shape and _holders(block) == idle:
                     return block.view(shape)
             block = torch.empty(shape, dtype=torch.float32)
             if _use_count is not None and len(self.blocks) < self.limit:
-                self.blocks.append((block, _use_count(block.untyped_storage()._cdata)))
+                self.blocks.append((block, _holders(block)))
             return block.view(shape)

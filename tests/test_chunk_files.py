@@ -89,3 +89,27 @@ def test_a_buffer_of_the_wrong_shape_is_refused(tmp_path):
     reader = cache._reader(cache.array(HOOK).path)
     with pytest.raises(ValueError, match=r"C-contiguous \(32, 12\) float16"):
         reader.read(0, np.empty((32, 13), np.float16))
+
+
+def test_damaged_token_ids_are_named_as_damage_not_read_as_ids(tmp_path):
+    cache, _, _ = _written(tmp_path)
+    token_chunk = tmp_path / "c" / TOKENS_ARRAY / "c" / "0" / "0"
+    original = token_chunk.read_bytes()
+    token_chunk.write_bytes(original[:20])  # the Blosc header survives, its frame does not
+    with pytest.raises(CacheError, match=r"damaged: chunk\(s\) \[0\] of 'tokens' \(its token ids cannot be decoded"):
+        ActivationCache.open(tmp_path / "c").chunk_token_ids(0)
+    token_chunk.unlink()
+    with pytest.raises(CacheError, match=r"chunk\(s\) \[0\] of 'tokens'"):
+        ActivationCache.open(tmp_path / "c").chunk_token_ids(0)
+
+
+def test_an_array_whose_dtype_was_edited_is_refused_on_open(tmp_path):
+    import json
+
+    _written(tmp_path)
+    meta = tmp_path / "c" / HOOK / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["data_type"] = "int16"
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(CacheError, match=f"array '{HOOK}' holds int16, the attributes say float16"):
+        ActivationCache.open(tmp_path / "c")

@@ -109,17 +109,19 @@ def test_batches_kept_by_the_consumer_are_never_overwritten(id_cache):
     """Batch memory is reused only once nothing aliases it: kept batches, views and arrays stay intact."""
     settings = dict(batch_size=32, shuffle_buffer_tokens=128, seed=5, prefetch_batches=1, num_workers=1)
     expected = [b.clone() for b in ActivationLoader(id_cache, **settings).batches(60)]
-    kept, views, arrays, addresses = [], [], [], set()
+    kept, views, arrays, storages, addresses = [], [], [], [], set()
     for i, b in enumerate(ActivationLoader(id_cache, **settings).batches(60)):
         assert torch.equal(b, expected[i])
         addresses.add(b.data_ptr())
-        if i % 4 == 0:
+        if i % 5 == 0:
             kept.append((i, b))
-        elif i % 4 == 1:
+        elif i % 5 == 1:
             views.append((i, b[1:5]))
-        elif i % 4 == 2:
+        elif i % 5 == 2:
             arrays.append((i, b.numpy()))
-        del b  # every 4th batch is dropped: its memory may serve a later batch
+        elif i % 5 == 3:
+            storages.append((i, b.untyped_storage()))
+        del b  # every 5th batch is dropped: its memory may serve a later batch
     assert len(addresses) < 60  # memory was reused...
     for i, b in kept:
         assert torch.equal(b, expected[i])
@@ -127,3 +129,5 @@ def test_batches_kept_by_the_consumer_are_never_overwritten(id_cache):
         assert torch.equal(v, expected[i][1:5])
     for i, a in arrays:  # ...but never while anything could still read it
         np.testing.assert_array_equal(a, expected[i].numpy())
+    for i, storage in storages:
+        assert torch.equal(torch.tensor([], dtype=torch.float32).set_(storage).view(expected[i].shape), expected[i])
