@@ -13,9 +13,10 @@ How a batch is made:
    ``[batch, d_in]`` tensors (reusing the memory of batches nobody holds any more); a producer
    thread queues a few batches ahead; the consumer moves them to the training device.
 
-Speed (``sae-pipeline bench --cases codecs``): on 2 cores the loader serves a float16 LZ4 cache
-(d_in 576) at about 0.8-0.9M tokens/s once its buffer is full; filling the 262,144-row buffer
-before the first batch takes about 0.4 s.
+Speed (``sae-pipeline bench --cases codecs``; BENCHMARKS.md, run 3): on 2 cores the loader serves
+the anchor's float16 LZ4 cache (d_in 576) at 1.0M tokens/s once its buffer is full (0.74-1.01M over
+development runs on a shared machine); filling the 262,144-row buffer before the first batch took
+0.16 s.
 
 Mixing: a batch draws from every sequence whose rows are in the buffer. When the buffer holds the
 whole training set (262,144 rows by default: a 200K-token cache) a batch is as mixed as a uniform
