@@ -148,7 +148,7 @@ class ActivationLoader:
             for epoch, (rows, keep, decoded) in self._row_blocks(stop, spare):
                 if buffer is None:  # it holds under buffer_rows before a chunk arrives, so one chunk more fits
                     capacity = self.buffer_rows + self.cache.layout.chunk_tokens
-                    buffer = _RowStore(capacity, rows.shape[1], rows.dtype, gather, self.batch_size)
+                    buffer = _RowStore(capacity, rows.shape[1], rows.dtype, gather, self.num_workers, self.batch_size)
                 if epoch != current_epoch:  # flush the finished epoch entirely
                     yield from buffer.emit(gen, keep_fraction=0.0)
                     current_epoch = epoch
@@ -222,11 +222,13 @@ class _RowStore:
     ``void`` records (one per row, any stored dtype) because numpy's row scatter and gather run
     about twice as fast as torch's ``index_copy_`` / ``index_select`` and release the GIL.
 
-    Batches are gathered and converted to float32 on the ``gather`` pool, ``pool._max_workers + 1``
-    at a time, each into its own reused staging block (the serial thread only scatters arrivals).
+    Batches are gathered and converted to float32 on the ``gather`` pool of ``workers`` threads,
+    ``workers + 1`` at a time, each into its own reused staging block (the serial thread only
+    scatters arrivals).
     """
 
-    def __init__(self, capacity: int, d_in: int, dtype: torch.dtype, gather: ThreadPoolExecutor, batch_size: int):
+    def __init__(self, capacity: int, d_in: int, dtype: torch.dtype, gather: ThreadPoolExecutor, workers: int,
+                 batch_size: int):
         self.dtype = dtype
         self.d_in = d_in
         self.record = np.dtype((np.void, d_in * dtype.itemsize))
@@ -237,7 +239,7 @@ class _RowStore:
         self.n_rows = 0
         self.pool = gather
         self.batch_size = batch_size
-        self.staging = [np.empty(batch_size, self.record) for _ in range(gather._max_workers + 1)]
+        self.staging = [np.empty(batch_size, self.record) for _ in range(workers + 1)]
         self.outputs = _Recycler(limit=16)
 
     def add(self, rows: torch.Tensor, keep: np.ndarray | None = None) -> None:

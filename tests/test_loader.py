@@ -131,3 +131,11 @@ def test_batches_kept_by_the_consumer_are_never_overwritten(id_cache):
         np.testing.assert_array_equal(a, expected[i].numpy())
     for i, storage in storages:
         assert torch.equal(torch.tensor([], dtype=torch.float32).set_(storage).view(expected[i].shape), expected[i])
+
+
+def test_a_shuffle_buffer_smaller_than_a_chunk_grows_and_still_serves_each_row_once_per_epoch(id_cache):
+    # 64-row chunks into a 32-row buffer: the kept half plus the next chunk outgrows the first capacity
+    loader = ActivationLoader(id_cache, batch_size=16, shuffle_buffer_tokens=16, seed=1)
+    assert loader.buffer_rows == 32 < id_cache.layout.chunk_tokens
+    ids = _ids(loader.batches(64))
+    assert sorted(ids[:512].tolist()) == list(range(512)) and sorted(ids[512:].tolist()) == list(range(512))
