@@ -291,6 +291,13 @@ class ActivationCache:
             raise damaged_error(self, hook_name, [i], "its checksum differs from the one written")
         return from_storage(block, self.dtype)
 
+    def read_kept_rows(self, hook_name: str, i: int, exclude_token_ids=(), *, verify: bool = False) -> torch.Tensor:
+        """Chunk ``i``'s rows whose token id is not in ``exclude_token_ids``: ``[kept, d_in]`` in the
+        stored dtype. Raises CacheError as :meth:`read_chunk` and :meth:`chunk_token_ids` do."""
+        rows = self.read_chunk(hook_name, i, verify=verify)
+        exclude = np.asarray(list(exclude_token_ids), dtype=np.int64)
+        return rows[torch.from_numpy(~np.isin(self.chunk_token_ids(i), exclude))] if exclude.size else rows
+
     def chunk_buffer(self, hook_name: str) -> np.ndarray:
         """An empty ``[chunk_tokens, d_in]`` array in the storage dtype, for ``read_chunk(out=...)``."""
         return np.empty((self.layout.chunk_tokens, self.d_in_of(hook_name)), _NUMPY_STORAGE[self.dtype])
@@ -566,10 +573,8 @@ def compute_statistics(cache: ActivationCache, hook_name: str, *, exclude_token_
     """
     import dask
 
-    exclude = np.asarray(list(exclude_token_ids), dtype=np.int64)
-
     def chunk_sums(i: int) -> np.ndarray:  # [d_in + 2]: Σ rows, Σ norms, rows kept
-        x = cache.read_chunk(hook_name, i).double()[torch.from_numpy(~np.isin(cache.chunk_token_ids(i), exclude))]
+        x = cache.read_kept_rows(hook_name, i, exclude_token_ids).double()
         return np.concatenate([x.sum(0).numpy(), [float(x.norm(dim=1).sum()), x.shape[0]]])
 
     sums = np.zeros(cache.d_in_of(hook_name) + 2)

@@ -107,9 +107,10 @@ class ChunkFileReader:
         raw = self._read_bytes(path, int(offset), None if nbytes is None else int(nbytes))
         nbytes = len(raw)
         # a Blosc 1 frame states its decoded size in header bytes 4-7 and its own size in 12-15
-        size = int.from_bytes(raw[4:8], "little") if self.compressed else nbytes
-        if self.compressed and int.from_bytes(raw[12:16], "little") != nbytes:
-            raise ValueError(f"chunk {i} holds {nbytes} bytes, its Blosc header says {int.from_bytes(raw[12:16], 'little')}")
+        size, frame = (int.from_bytes(raw[4:8], "little"), int.from_bytes(raw[12:16], "little")) if self.compressed \
+            else (nbytes, nbytes)
+        if frame != nbytes:
+            raise ValueError(f"chunk {i} holds {nbytes} bytes, its Blosc header says {frame}")
         if size != out.nbytes:
             raise ValueError(f"chunk {i} decodes to {size} bytes, expected {out.nbytes}")
         if self.compressed:

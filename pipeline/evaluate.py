@@ -60,12 +60,10 @@ def reconstruction_metrics(sae: SAE, cache: ActivationCache, hook: str, *, exclu
                            n_tokens: int | None = None, batch_size: int = 4096) -> dict[str, float]:
     """Stream the holdout chunks through ``sae`` and return :class:`pipeline.evals.ReconstructionStats`."""
     stats = evals.ReconstructionStats(sae.cfg.d_sae)
-    exclude = np.asarray(list(exclude_token_ids), dtype=np.int64)
     seen = 0
     with torch.no_grad():
         for c in tqdm(cache.holdout_chunks, desc="evaluate holdout", unit="chunk", dynamic_ncols=True):
-            x = cache.read_chunk(hook, c, verify=True).float()
-            x = x[torch.from_numpy(~np.isin(cache.chunk_token_ids(c), exclude))]
+            x = cache.read_kept_rows(hook, c, exclude_token_ids, verify=True).float()
             if n_tokens is not None:
                 x = x[: n_tokens - seen]
             for s in range(0, x.shape[0], batch_size):

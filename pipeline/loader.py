@@ -99,8 +99,10 @@ class ActivationLoader:
         return sum(int(self._keep_mask(i).sum()) for i in self.chunk_ids)
 
     def _keep_mask(self, chunk: int) -> np.ndarray:
-        ids = self.cache.chunk_token_ids(chunk)
-        return ~np.isin(ids, self.exclude) if self.exclude.size else np.ones(ids.shape, dtype=bool)
+        if not self.exclude.size:  # nothing to drop: the token ids need not be read
+            start, stop = self.cache.layout.chunk_rows(chunk)
+            return np.ones(stop - start, dtype=bool)
+        return ~np.isin(self.cache.chunk_token_ids(chunk), self.exclude)
 
     def _read(self, chunk: int, spare: queue.SimpleQueue) -> tuple[torch.Tensor, np.ndarray | None, np.ndarray]:
         """Chunk ``chunk``'s rows, which to keep (``None``: all) and the array they were decoded

@@ -617,9 +617,7 @@ def sample_activations(cache: ActivationCache, hook: str, n_rows: int, seed: int
     rng = np.random.default_rng(seed)
     rows, total = [], 0
     for c in rng.permutation(cache.train_chunks):
-        block = cache.read_chunk(hook, int(c), verify=True).float()
-        ids = cache.chunk_token_ids(int(c))
-        block = block[torch.from_numpy(~np.isin(ids, np.asarray(list(exclude), dtype=np.int64)))]
+        block = cache.read_kept_rows(hook, int(c), exclude, verify=True).float()
         rows.append(block)
         total += block.shape[0]
         if total >= n_rows:

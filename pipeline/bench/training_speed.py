@@ -29,7 +29,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from pipeline.bench.measure import Row
@@ -88,10 +87,7 @@ def load_data(cache_path: str, bench: StepBench, hook: str | None = None) -> Dat
     scale = activation_scale(cache.statistics(hook)["mean_norm"], cache.d_in_of(hook), "expected_average_only_in")
     special = cache.special_token_ids
     train = (sample_activations(cache, hook, bench.n_train_tokens, bench.seed, special) * scale).to(bench.device)
-    rows = []
-    for c in cache.holdout_chunks:
-        x = cache.read_chunk(hook, c).float()
-        rows.append(x[torch.from_numpy(~np.isin(cache.chunk_token_ids(c), np.asarray(special, np.int64)))])
+    rows = [cache.read_kept_rows(hook, c, special).float() for c in cache.holdout_chunks]
     holdout = (torch.cat(rows)[: bench.n_holdout_tokens] * scale).to(bench.device)
     return Data(cache, hook, train, holdout, scale)
 
