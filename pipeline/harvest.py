@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline import __version__, models, text
+from pipeline import __version__, allocator, models, text
 from pipeline.cache import (TORCH_DTYPES, ActivationCache, CacheLayout, CacheWriter, check_output_folder,
                             chunk_tokens_for, compute_statistics, is_cache_folder, to_storage, writer_lock)
 from pipeline.config import HarvestConfig
@@ -78,6 +78,7 @@ def harvest(cfg: HarvestConfig, model=None, *, scheduler: str | None = None,
         CacheWriteError: the disk is full or the output is not writable; what was written before
             is kept, and re-running the same command after fixing it resumes.
     """
+    allocator.bound_heap()  # before the model and zarr's threads take their heaps
     with writer_lock(cfg.output_path, break_lock=cfg.break_lock):
         return _harvest_locked(cfg, model, scheduler, torch_threads)
 
@@ -199,7 +200,10 @@ def forward_chunks(model, tokens: np.ndarray, layout: CacheLayout, cfg: HarvestC
     ``tokens`` is the harvest's ``[n_seqs, context_size]`` token ids. Forward batches of up to
     ``store_batch_size_prompts`` sequences start at each chunk's first sequence and never straddle
     a chunk boundary, so a chunk is computed from the same batches whichever range it belongs to
-    (a resume, a worker's shard range), and so holds the same values.
+    (a resume, a worker's shard range), and so holds the same values. Memory stays flat over the
+    chunks: the free pages of glibc's heap are released once each chunk has been consumed, and
+    :func:`harvest` and :func:`harvest_range` bound the heap before they load anything
+    (:mod:`pipeline.allocator`).
 
     Raises:
         CacheError: float16 overflow or NaN/Inf activations (names the hook and max value).
@@ -223,6 +227,7 @@ def forward_chunks(model, tokens: np.ndarray, layout: CacheLayout, cfg: HarvestC
                     buffers[hook].append(to_storage(acts, cfg.dtype, hook))
                 bar.update((e - s) * layout.context_size)
             yield i, {h: np.concatenate(b) for h, b in buffers.items()}
+            allocator.release_free_heap()  # the chunk is written: its buffers and zarr's are free
 
 
 def harvest_range(cfg: HarvestConfig, chunks: range, model, weights_fingerprint: str) -> dict[int, dict[str, int]]:
@@ -238,6 +243,7 @@ def harvest_range(cfg: HarvestConfig, chunks: range, model, weights_fingerprint:
             ``model_name`` to another file), or an activation overflows the storage dtype.
         CacheWriteError: the OS refused a write.
     """
+    allocator.bound_heap()
     writer = CacheWriter.open_existing(cfg.output_path)
     recorded = writer.cache.attrs.get("weights_fingerprint")
     if weights_fingerprint != recorded:

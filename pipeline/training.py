@@ -560,7 +560,7 @@ def _nonfinite(name: str, tensor: torch.Tensor) -> str | None:
 
 
 def _batch_explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    resid = (x - x_hat).pow(2).sum()
+    resid = torch.nn.functional.mse_loss(x_hat.to(x.dtype), x, reduction="sum")
     total = (x - x.mean(0)).pow(2).sum()
     return 1.0 - (resid / total).item()
 

@@ -45,6 +45,17 @@ def test_harvest_stores_what_the_model_computes(smollm2, shared_data, tmp_path):
     assert result.bytes_per_token < 2 * 576 * 2 + 200  # two float16 hooks, compressed
 
 
+def test_the_harvest_bounds_the_heap_and_frees_it_after_every_chunk(smollm2, shared_data, tmp_path, monkeypatch):
+    from pipeline import allocator
+
+    calls = []
+    monkeypatch.setattr(allocator, "bound_heap", lambda: calls.append("bound"))
+    monkeypatch.setattr(allocator, "release_free_heap", lambda: calls.append("release"))
+    harvest(_cfg(shared_data, tmp_path / "h"), model=smollm2)
+    # bounded before anything is written, released once per chunk of the 6 (768 tokens / 128)
+    assert calls == ["bound"] + ["release"] * 6
+
+
 def test_interrupted_harvest_resumes_to_an_identical_cache(smollm2, shared_data, tmp_path, monkeypatch):
     whole = harvest(_cfg(shared_data, tmp_path / "whole"), model=smollm2).cache
     original = CacheWriter.write_chunk

@@ -9,7 +9,8 @@ import torch
 from pipeline.errors import ConfigError
 from pipeline.sae import ARCHITECTURES, SAE, SAEConfig, SparseLatents, get_architecture
 from pipeline.sae.standard import StandardSAE
-from pipeline.sae.topk import TopKSAE, geometric_median, topk_training_forward_dense, topk_training_forward_sparse
+from pipeline.sae.topk import (TopKSAE, _segments, geometric_median, row_topk, topk_training_forward_dense,
+                               topk_training_forward_sparse)
 
 
 def set_params(sae: SAE, **tensors) -> SAE:
@@ -96,6 +97,28 @@ def test_topk_selects_exactly_k():
         sae.b_enc.fill_(10.0)  # every pre-activation positive, so ReLU zeroes none of the k
     f = sae.encode(torch.randn(50, 8))
     assert torch.equal((f != 0).sum(-1), torch.full((50,), 5))
+
+
+@pytest.mark.parametrize("shape, k, ties", [((257, 4608), 32, False), ((64, 2304), 128, False), ((3, 5, 576), 16, False),
+                                             ((200, 96), 3, True), ((40, 97), 5, False), ((30, 64), 64, False)])
+def test_row_topk_selects_what_torch_topk_selects(shape, k, ties):
+    torch.manual_seed(0)
+    scores = torch.randint(-4, 5, shape).float() if ties else torch.randn(shape)
+    values, indices = row_topk(scores, k)
+    reference = scores.topk(k, dim=-1).values  # sorted, descending
+    assert values.shape == indices.shape == reference.shape
+    assert torch.equal(values.sort(-1, descending=True).values, reference)
+    assert torch.equal(scores.gather(-1, indices), values)  # indices point at their values
+    assert (indices.sort(-1).values.diff(dim=-1) > 0).all()  # no column twice
+
+
+def test_row_topk_segments_divide_the_row_and_keep_k_blocks():
+    assert _segments(4608, 32) == 12 and _segments(4608, 128) == 6 and _segments(2304, 64) == 6
+    assert _segments(97, 5) == 1  # a prime width: plain topk
+    assert _segments(64, 64) == 1 and _segments(96, 48) == 1  # fewer than k blocks would be left
+    for d, k in ((4608, 16), (2304, 128), (96, 3)):
+        s = _segments(d, k)
+        assert d % s == 0 and d // s >= k
 
 
 @pytest.mark.parametrize("sparse", [True, False])

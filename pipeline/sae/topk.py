@@ -34,6 +34,7 @@ Shared with ``batchtopk`` and ``matryoshka``: :class:`TopKFamilySAE` (unit-norm 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +108,43 @@ def _dead_topk(pre: Tensor, dead_ids: Tensor, k_aux: int) -> tuple[Tensor, Tenso
     return top.values, top.indices
 
 
+def row_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest entries of each row of ``scores: [..., d]``: ``(values, indices)``, both
+    ``[..., k]``, in no particular order; the values are exactly ``scores.topk(k, dim=-1)``'s (among
+    tied entries either may be picked).
+
+    On CPU, two narrow selections replace one wide one. Each row is read as ``s`` segments of
+    ``d/s`` columns, and *block* ``j`` holds the ``s`` entries at position ``j`` of every segment
+    (columns ``j, j + d/s, ...``). The top ``k`` entries lie in the ``k`` blocks with the largest
+    maxima: an entry of any other block is at most its block's maximum, which the ``k`` chosen maxima
+    all reach, so ``k`` entries at least as large precede it. So ``topk`` runs over the ``d/s``
+    block maxima (a reduction over whole rows of segments, vectorised) and then over the ``k·s``
+    entries of the chosen blocks. ``s`` is the divisor of ``d`` nearest ``sqrt(d/k)``. Batch 4096,
+    2 cores: d 4608, k 32: 36 → 27 ms; k 128: 90 → 48 ms; d 2304, k 64: 44 → 25 ms
+    (``torch.topk`` costs ~5 ns per entry here, spent sorting within each row). Elsewhere, or when
+    ``d`` has no such divisor, it is ``torch.topk``.
+    """
+    d = scores.shape[-1]
+    s = _segments(d, k) if scores.device.type == "cpu" else 1
+    if s == 1:
+        top = scores.topk(k, dim=-1, sorted=False)
+        return top.values, top.indices
+    rows = scores.reshape(-1, d).contiguous()
+    n, width = rows.shape[0], d // s
+    blocks = rows.view(n, s, width).amax(1).topk(k, dim=-1, sorted=False).indices  # [n, k]
+    columns = (blocks.unsqueeze(-1) + width * torch.arange(s, device=scores.device)).view(n, k * s)
+    top = rows.gather(1, columns).topk(k, dim=-1, sorted=False)
+    shape = (*scores.shape[:-1], k)
+    return top.values.view(shape), columns.gather(1, top.indices).view(shape)
+
+
+def _segments(d: int, k: int) -> int:
+    """How many segments :func:`row_topk` cuts a row of ``d`` into for ``k`` (1: none)."""
+    target = math.sqrt(d / k)
+    fits = [s for s in range(2, 17) if d % s == 0 and d // s >= k]
+    return min(fits, key=lambda s: abs(s - target)) if target >= 2 and fits else 1
+
+
 # AuxK runs densely on the [batch, n_dead] block of dead latents while it is at most this many
 # times wider than the k_aux selected entries: a contiguous matmul beats the gather/scatter of
 # the sparse kernels by about that factor per multiply-add on CPU.
@@ -131,13 +169,13 @@ def topk_training_forward_sparse(sae: TopKSAE, x: Tensor, dead_mask: Tensor | No
         # product's time at d_sae 4608 on CPU).
         scores = ((sae_in @ sae.W_enc).add_(sae.b_enc) if norms is None
                   else (sae_in @ (sae.W_enc * norms)).add_(sae.b_enc * norms))
-        top = scores.topk(sae.cfg.k, dim=-1, sorted=False)
+        top_values, top_indices = row_topk(scores, sae.cfg.k)
         # under autocast ``scores`` are bfloat16; the selected entries continue in the weights' dtype
-        raw = (top.values if norms is None else top.values / norms[top.indices]).to(sae.W_dec.dtype)
+        raw = (top_values if norms is None else top_values / norms[top_indices]).to(sae.W_dec.dtype)
     # ReLU(h) weighs the rows of W_dec as they are; latents are reported as ReLU(h)·||W_dec,i||.
-    weights, decoded = _encode_decode_selected(sae, sae_in, top.indices, raw)
+    weights, decoded = _encode_decode_selected(sae, sae_in, top_indices, raw)
     sae_out = decoded + sae.b_dec
-    values = weights if norms is None else weights * norms[top.indices]
+    values = weights if norms is None else weights * norms[top_indices]
     aux_recon = None
     n_dead = 0 if dead_mask is None else int(dead_mask.sum())
     if n_dead > 0:
@@ -161,7 +199,7 @@ def topk_training_forward_sparse(sae: TopKSAE, x: Tensor, dead_mask: Tensor | No
                 aux_ids = dead_ids[positions]
                 aux_raw = (aux_scores if norms is None else aux_scores / norms[aux_ids]).to(sae.W_dec.dtype)
             _, aux_recon = _encode_decode_selected(sae, sae_in, aux_ids, aux_raw)
-    return TopKForward(values, top.indices, sae_out, aux_recon)
+    return TopKForward(values, top_indices, sae_out, aux_recon)
 
 
 def rank_scores(pre: Tensor, norms: Tensor | None) -> Tensor:
@@ -201,8 +239,9 @@ def topk_training_forward_dense(sae: TopKSAE, x: Tensor, dead_mask: Tensor | Non
 
 def reconstruction_mse(sae_out: Tensor, x: Tensor) -> Tensor:
     """``mean_b Σ_d (x - x̂)²`` of ``[batch, d_in]`` tensors: the squared error every
-    architecture trains on (summed over d_in, averaged over tokens; SAELens's normalisation)."""
-    return (sae_out - x).pow(2).sum(-1).mean()
+    architecture trains on (summed over d_in, averaged over tokens; SAELens's normalisation).
+    ``F.mse_loss`` does it in one pass each way (half the time of the sub/pow/sum graph)."""
+    return F.mse_loss(sae_out, x, reduction="sum") / (x.numel() // x.shape[-1])
 
 
 def aux_k_loss(x: Tensor, sae_out: Tensor, aux_recon: Tensor | None) -> Tensor:
@@ -379,8 +418,8 @@ class TopKSAE(TopKFamilySAE):
         ``[..., d_in] → [..., d_sae]`` dense, parameter dtype."""
         self._check_d_in(x)
         pre = rank_scores(self.hidden_pre(x), self.decoder_norms())
-        top = pre.topk(self.cfg.k, dim=-1, sorted=False)
-        return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+        values, indices = row_topk(pre, self.cfg.k)
+        return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
 
     def training_loss(
         self, x: Tensor, *, sparsity_coefficient: float = 0.0, dead_mask: Tensor | None = None
