@@ -131,11 +131,14 @@ def row_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
         return top.values, top.indices
     rows = scores.reshape(-1, d).contiguous()
     n, width = rows.shape[0], d // s
-    blocks = rows.view(n, s, width).amax(1).topk(k, dim=-1, sorted=False).indices  # [n, k]
-    columns = (blocks.unsqueeze(-1) + width * torch.arange(s, device=scores.device)).view(n, k * s)
-    top = rows.gather(1, columns).topk(k, dim=-1, sorted=False)
+    segments = rows.view(n, s, width)
+    blocks = segments.amax(1).topk(k, dim=-1, sorted=False).indices  # [n, k]
+    candidates = segments.gather(2, blocks.unsqueeze(1).expand(n, s, k))  # [n, s, k]: the blocks' entries
+    top = candidates.view(n, s * k).topk(k, dim=-1, sorted=False)
+    segment = top.indices.div(k, rounding_mode="floor")
+    columns = segment * width + blocks.gather(1, top.indices - segment * k)
     shape = (*scores.shape[:-1], k)
-    return top.values.view(shape), columns.gather(1, top.indices).view(shape)
+    return top.values.view(shape), columns.view(shape)
 
 
 def _segments(d: int, k: int) -> int:
