@@ -115,6 +115,9 @@ def test_row_topk_selects_what_torch_topk_selects(shape, k, ties):
 def test_row_topk_segments_divide_the_row_and_keep_k_blocks():
     assert _segments(4608, 32) == 12 and _segments(4608, 128) == 6 and _segments(2304, 64) == 6
     assert _segments(97, 5) == 1  # a prime width: plain topk
+    assert _segments(4608, 0) == 1 and row_topk(torch.randn(4, 4608), 0)[0].shape == (4, 0)
+    with pytest.raises(RuntimeError, match="out of range"):
+        row_topk(torch.randn(4, 96), 97)
     assert _segments(64, 64) == 1 and _segments(96, 48) == 1  # fewer than k blocks would be left
     for d, k in ((4608, 16), (2304, 128), (96, 3)):
         s = _segments(d, k)
