@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipeline.bench import codecs, suite, sweep_speed, training_speed
-from pipeline.bench.measure import Row, add_ratios, median_rate
+from pipeline.bench.measure import Row, add_ratios, interleaved_calls, median_rate
 from pipeline.cache import ActivationCache, array_key
 from pipeline.errors import ConfigError
 
@@ -127,6 +127,19 @@ def test_median_rate_warms_up_then_takes_the_median():
         return 10
     median, rates = median_rate(run, repeats=3, warmup=2)
     assert len(calls) == 5 and len(rates) == 3 and median == sorted(rates)[1]
+
+
+def test_interleaved_calls_warm_each_up_then_take_turns():
+    calls = []
+
+    def runner(name, units):
+        def run():
+            calls.append(name)
+            return units
+        return run
+    rates = interleaved_calls({"a": runner("a", 10), "b": runner("b", 20)}, repeats=3, warmup=1)
+    assert calls == ["a", "b"] + ["a", "b"] * 3
+    assert [len(r) for r in rates.values()] == [3, 3] and all(r > 0 for r in rates["a"] + rates["b"])
 
 
 def test_the_suite_writes_json_and_markdown_and_keeps_going_past_a_failed_case(real_cache, tmp_path, monkeypatch):

@@ -39,6 +39,9 @@ def test_harvest_rows_measure_what_they_say(tmp_path, shared_data, smollm2):
     assert all(r.unit == "tokens/s" and r.value > 0 and len(r.samples) == 1 for r in rows.values())
     assert ours.reference == "SAELens" and ours.ratio == pytest.approx(ours.value / saelens.value)
     assert ours.quality["fraction_of_forward"] == pytest.approx(ours.value / rows["harvest", "forward only"].value)
+    # one round: the paired ratio is that round's ratio; bf16 ran in other rounds than SAELens
+    assert ours.quality["paired_ratio"] == pytest.approx(ours.value / saelens.value)
+    assert "paired_ratio" not in rows["harvest", "ours bf16 compute, float16 storage"].quality
 
     # bytes/token are the folders' sizes over the tokens
     assert ours.quality["bytes_per_token"] == pytest.approx(du(tmp_path / "fp32") / n_tokens)
@@ -56,11 +59,14 @@ def test_harvest_rows_measure_what_they_say(tmp_path, shared_data, smollm2):
     assert 0 < bf16.quality["relative_error"] < 0.1
 
     # n hooks in one pass: n arrays, the first one the 1-hook harvest's
-    for n in (2, 3, 4):
+    assert rows["harvest_hooks", "1 hook"].reference is None
+    for n in (1, 2, 3, 4):
         many = ActivationCache.open(tmp_path / "hooks" / f"{n}")
         assert len(many.hook_names) == n and many.hook_names[0] == HOOK
         assert torch.equal(many.read_rows(HOOK, 0, n_tokens), cache.read_rows(HOOK, 0, n_tokens))
-        assert rows["harvest_hooks", f"{n} hooks"].reference == "1 hook"
+        if n > 1:
+            row = rows["harvest_hooks", f"{n} hooks"]
+            assert row.reference == "1 hook" and row.quality["paired_ratio"] == pytest.approx(row.ratio)
 
 
 def test_tiled_cache_repeats_its_source_chunk_by_chunk(real_cache, tmp_path):

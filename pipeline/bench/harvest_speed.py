@@ -6,8 +6,15 @@
 All variants run over the SAME token rows (``pipeline.harvest.tokenize_dataset`` of one config: the
 first ``n_tokens`` of WikiText-2 test in ``context_size`` rows without BOS, as in
 ../shared/ANCHORS.md) on one model loaded once (a second, bfloat16 copy for the bf16 rows).
-Speed is tokens/s, the median of ``repeats`` runs after ``warmup`` (default 1) untimed ones
-(:func:`pipeline.bench.measure.median_rate`); storage is bytes/token on disk.
+Speed is tokens/s, the median of ``repeats`` runs after ``warmup`` (default 1) untimed ones; storage is
+bytes/token on disk. The fp32 variants (forward only, ours LZ4 and Zstd, SAELens) take turns run by
+run, as do the two bf16 ones and the four ``harvest_hooks`` ones
+(:func:`pipeline.bench.measure.interleaved_calls`): in one round every variant meets the same
+machine, so the per-round ratios (``paired_ratio``, ``fraction_of_forward``) are steadier than
+ratios of medians timed minutes apart. On a CPU both harvests run at the forward's speed, and at
+fp32 the forward itself runs near the matrix-product peak (SmolLM2-135M to block 8: about 64
+MFLOPs per token, ~2.2K tokens/s at 140 GFLOP/s), so the ours-vs-SAELens ratio is near 1 and only
+a paired figure can tell which side of 1 it falls.
 
 Rows of case ``"harvest"`` (tokens/s):
 
@@ -18,8 +25,9 @@ Rows of case ``"harvest"`` (tokens/s):
   ``ours bf16 compute, float16 storage``: ``pipeline.harvest.harvest`` into a fresh folder each run.
   The value is the forward + write loop (``HarvestResult.tokens_per_second``, what a harvest
   prints); ``quality`` adds ``end_to_end_tokens_per_second`` (the whole call: tokenizing, model
-  fingerprint, statistics pass), ``fraction_of_forward`` (value / forward-only of the same compute
-  dtype; the goal is ≥ 0.9) and ``bytes_per_token``. The bf16 row adds ``cosine_to_fp32`` (mean
+  fingerprint, statistics pass), ``fraction_of_forward`` (median over rounds of value / forward-only of
+  the same compute dtype; the goal is ≥ 0.9), ``paired_ratio`` (fp32 rows: median over rounds of
+  value / SAELens's; the goal "at least SAELens's tokens/s" reads it) and ``bytes_per_token``. The bf16 row adds ``cosine_to_fp32`` (mean
   over tokens of the cosine between its stored activations and the fp32-compute cache's) and
   ``relative_error`` (mean over tokens of ``||x_bf16 - x_fp32|| / ||x_fp32||``).
 * ``SAELens``: its ``CacheActivationsRunner`` (float32 storage, its default and the ANCHORS.md
@@ -32,7 +40,7 @@ Our rows reference ``SAELens``. Bytes/token count every file of the output folde
 token ids included) over the token count; ``bytes_per_token_vs_saelens`` in our rows' ``quality``
 is the "at most 0.5×" goal. Rows of case ``"harvest_hooks"`` (tokens/s) are our fp32 harvest
 capturing 1, 2, 3 and 4 hooks of the hooked block in one pass (the forward is the same for all, so
-the ratio to ``1 hook`` is what each extra hook costs to copy, compress and write).
+the (paired) ratio to ``1 hook`` is what each extra hook costs to copy, compress and write).
 """
 
 from __future__ import annotations
@@ -54,7 +62,7 @@ import numpy as np
 import torch
 
 from pipeline import models
-from pipeline.bench.measure import Row, add_ratios, median_rate
+from pipeline.bench.measure import Row, add_ratios, interleaved_calls
 from pipeline.cache import ActivationCache
 from pipeline.config import HarvestConfig
 from pipeline.harvest import harvest, tokenize_dataset
@@ -90,91 +98,130 @@ def harvest_rows(*, model_name: str = "smollm2-135m", hook: str = "blocks.8.hook
     batch = min(store_batch_size_prompts, tokens.shape[0])
     tokens = tokens[: tokens.shape[0] // batch * batch]
     base = dataclasses.replace(base, n_tokens=tokens.size, store_batch_size_prompts=batch)
-    run = {"repeats": repeats, "warmup": warmup, "torch_threads": torch.get_num_threads()}
+    run = {"repeats": repeats, "warmup": warmup, "torch_threads": torch.get_num_threads(), "interleaved": True}
 
-    fwd = _forward_row("forward only", model, tokens, base, run)
-    ours = _ours_row("ours fp32 compute, float16 storage", base, model, tokens, workdir / "fp32", fwd, run)
-    zstd = _ours_row("ours fp32 compute, float16 storage, zstd", dataclasses.replace(base, compression="zstd"),
-                     model, tokens, workdir / "zstd", fwd, run)
+    fwd = _Timed("forward only", _forward_work(model, tokens, base), _settings(base))
+    ours = _ours("ours fp32 compute, float16 storage", base, model, workdir / "fp32")
+    zstd = _ours("ours fp32 compute, float16 storage, zstd", dataclasses.replace(base, compression="zstd"),
+                 model, workdir / "zstd")
+    saelens = _Timed("SAELens", _saelens_work(model, tokens, base, workdir / "saelens"))
+    _rounds([fwd, ours, zstd, saelens], run)
     model_bf16 = models.load_model(model_name, dtype=torch.bfloat16)
-    fwd_bf16 = _forward_row("forward only, bf16 compute", model_bf16, tokens, base, run)
-    bf16 = _ours_row("ours bf16 compute, float16 storage", dataclasses.replace(base, model_dtype="bfloat16"),
-                     model_bf16, tokens, workdir / "bf16", fwd_bf16, run)
+    fwd_bf16 = _Timed("forward only, bf16 compute", _forward_work(model_bf16, tokens, base), _settings(base))
+    bf16 = _ours("ours bf16 compute, float16 storage", dataclasses.replace(base, model_dtype="bfloat16"),
+                 model_bf16, workdir / "bf16")
+    _rounds([fwd_bf16, bf16], run)
     del model_bf16
-    bf16.quality.update(compare_caches(workdir / "fp32", workdir / "bf16", hook))
-    saelens = _saelens_row(model, tokens, base, workdir / "saelens", run)
-    for r in (ours, zstd, bf16):
+
+    rows = [_forward_row(fwd, model, run), _forward_row(fwd_bf16, model, run, dtype="bfloat16"),
+            *(_ours_row(t, tokens, run, forward=f) for t, f in ((ours, fwd), (zstd, fwd), (bf16, fwd_bf16))),
+            _saelens_row(saelens, base, tokens, run)]
+    rows[4].quality.update(compare_caches(workdir / "fp32", workdir / "bf16", hook))
+    for r, t in zip(rows[2:5], (ours, zstd, bf16)):
         r.reference = "SAELens"
-        r.quality["bytes_per_token_vs_saelens"] = r.quality["bytes_per_token"] / saelens.quality["bytes_per_token"]
-    hook_rows = _hooks_rows(base, model, tokens, workdir / "hooks", ours, run)
-    return add_ratios([fwd, fwd_bf16, ours, zstd, bf16, saelens] + hook_rows)
+        r.quality["bytes_per_token_vs_saelens"] = r.quality["bytes_per_token"] / rows[5].quality["bytes_per_token"]
+        if t is not bf16:  # timed in the same rounds as SAELens
+            r.quality["paired_ratio"] = _paired(t, saelens)
+    return add_ratios(rows + _hooks_rows(base, model, tokens, workdir / "hooks", run))
 
 
-def _forward_row(variant: str, model, tokens: np.ndarray, cfg: HarvestConfig, run: dict) -> Row:
-    """Tokens/s of the model forward alone, exactly as the harvest batches and stops it."""
+@dataclasses.dataclass
+class _Timed:
+    """One variant of the case. Calling it runs ``work`` once, which returns ``(tokens, seconds of the
+    part the row reports, what it produced)``; ``rates`` keeps that part's tokens/s per call,
+    ``whole`` (filled by :func:`_rounds`) the whole call's, ``last`` the last product."""
+
+    variant: str
+    work: Callable[[], tuple[int, float, Any]]
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    rates: list[float] = dataclasses.field(default_factory=list)
+    whole: list[float] = dataclasses.field(default_factory=list)
+    last: Any = None
+
+    def __call__(self) -> int:
+        n, seconds, self.last = self.work()
+        self.rates.append(n / seconds)
+        return n
+
+
+def _rounds(variants: list[_Timed], run: dict) -> None:
+    """Time ``variants`` taking turns call by call (:func:`pipeline.bench.measure.interleaved_calls`),
+    keeping the timed calls' rates only."""
+    whole = interleaved_calls({v.variant: v for v in variants}, repeats=run["repeats"], warmup=run["warmup"])
+    for v in variants:
+        v.whole, v.rates = whole[v.variant], v.rates[run["warmup"]:]
+
+
+def _paired(a: _Timed, b: _Timed) -> float:
+    """Median over rounds of ``a``'s rate over ``b``'s in the same round."""
+    return statistics.median(x / y for x, y in zip(a.rates, b.rates))
+
+
+def _forward_work(model, tokens: np.ndarray, cfg: HarvestConfig) -> Callable[[], tuple[int, float, Any]]:
+    """The model forward alone over ``tokens``, exactly as the harvest batches and stops it."""
     stop_at = models.stop_at_layer_for(cfg.hook_names)
 
-    def forward() -> int:
+    def work() -> tuple[int, float, Any]:
+        t0 = time.perf_counter()
         with torch.no_grad():
             for s in range(0, tokens.shape[0], cfg.store_batch_size_prompts):
                 batch = torch.from_numpy(tokens[s : s + cfg.store_batch_size_prompts].astype(np.int64))
                 model.run_with_cache(batch, names_filter=list(cfg.hook_names), stop_at_layer=stop_at)
-        return tokens.size
-
-    rate, samples = median_rate(forward, repeats=run["repeats"], warmup=run["warmup"])
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    return Row("harvest", variant, rate, "tokens/s", samples,
-               config={**_settings(cfg), "model_dtype": dtype, "stop_at_layer": stop_at, **run})
+        return tokens.size, time.perf_counter() - t0, stop_at
+    return work
 
 
-def _ours_row(variant: str, cfg: HarvestConfig, model, tokens: np.ndarray, out: Path, forward: Row,
-              run: dict) -> Row:
-    """Our harvest into ``out`` (replaced each run): loop tokens/s, end-to-end tokens/s, bytes/token."""
+def _forward_row(t: _Timed, model, run: dict, dtype: str = "float32") -> Row:
+    return Row("harvest", t.variant, statistics.median(t.rates), "tokens/s", t.rates,
+               config={**t.config, "model_dtype": dtype, "stop_at_layer": t.last, **run})
+
+
+def _ours(variant: str, cfg: HarvestConfig, model, out: Path) -> _Timed:
+    """Our harvest of ``cfg`` into ``out`` (replaced each call); the rate reported is the forward +
+    write loop's (``HarvestResult.tokens_per_second``)."""
     cfg = dataclasses.replace(cfg, output_path=str(out))
-    loop_rates: list[float] = []
-    results = []
 
-    def once() -> int:
+    def work() -> tuple[int, float, Any]:
         result = harvest(cfg, model=model)
-        loop_rates.append(result.tokens_per_second)
-        results.append(result)
-        return result.cache.layout.n_tokens
+        n = result.cache.layout.n_tokens
+        return n, n / result.tokens_per_second, result
+    return _Timed(variant, work, {**_settings(cfg), "output_path": str(out)})
 
-    end_to_end, _ = median_rate(once, repeats=run["repeats"], warmup=run["warmup"])
-    cache = results[-1].cache
+
+def _ours_row(t: _Timed, tokens: np.ndarray, run: dict, forward: _Timed | None) -> Row:
+    """Loop tokens/s, end-to-end tokens/s, bytes/token and (with ``forward``, timed in the same
+    rounds) ``fraction_of_forward``, the median of the per-round ratios."""
+    cache, out = t.last.cache, Path(t.config["output_path"])
     if not np.array_equal(np.asarray(cache.tokens[:]), tokens):
-        raise RuntimeError(f"{variant}: the harvest stored other token rows than the benchmark's.")
-    samples = loop_rates[-run["repeats"]:]  # the first was the warm-up
-    rate = statistics.median(samples)
+        raise RuntimeError(f"{t.variant}: the harvest stored other token rows than the benchmark's.")
     on_disk = folder_bytes(out) / tokens.size
-    quality = {"fraction_of_forward": rate / forward.value, "end_to_end_tokens_per_second": end_to_end,
-               "bytes_per_token": on_disk,
-               "activation_bytes_per_token": sum(folder_bytes(out / h) for h in cfg.hook_names) / tokens.size}
+    quality = {"end_to_end_tokens_per_second": statistics.median(t.whole), "bytes_per_token": on_disk,
+               "activation_bytes_per_token": sum(folder_bytes(out / h) for h in t.config["hook_names"]) / tokens.size}
+    if forward is not None:
+        quality = {"fraction_of_forward": _paired(t, forward), **quality}
     # HarvestResult measures the same folder; a disagreement would mean one of the two is wrong.
-    note = "" if math.isclose(results[-1].bytes_per_token, on_disk, rel_tol=1e-6) else (
-        f"HarvestResult.bytes_per_token {results[-1].bytes_per_token:.1f} != folder size / tokens {on_disk:.1f}")
-    return Row("harvest", variant, rate, "tokens/s", samples, quality, {**_settings(cfg), **run}, note=note)
+    note = "" if math.isclose(t.last.bytes_per_token, on_disk, rel_tol=1e-6) else (
+        f"HarvestResult.bytes_per_token {t.last.bytes_per_token:.1f} != folder size / tokens {on_disk:.1f}")
+    return Row("harvest", t.variant, statistics.median(t.rates), "tokens/s", t.rates, quality, {**t.config, **run},
+               note=note)
 
 
-def _saelens_row(model, tokens: np.ndarray, cfg: HarvestConfig, out: Path, run: dict) -> Row:
+def _saelens_work(model, tokens: np.ndarray, cfg: HarvestConfig, out: Path) -> Callable[[], tuple[int, float, Any]]:
     """SAELens 6.54.12's ``CacheActivationsRunner`` over the same rows, on our loaded model, fp32
-    (:func:`saelens_cache`)."""
-    loop_rates: list[float] = []
-    settings: dict[str, Any] = {}
-
-    def once() -> int:
+    (:func:`saelens_cache`); the rate reported is ``runner.run()``'s, the product its settings."""
+    def work() -> tuple[int, float, Any]:
         seconds, used = saelens_cache(model, tokens, out, hook=cfg.hook_names[0], model_name=cfg.model_name,
                                       dataset_path=str(cfg.dataset_path), batch_prompts=cfg.store_batch_size_prompts)
-        loop_rates.append(tokens.size / seconds)
-        settings.update(used)
-        return tokens.size
+        return tokens.size, seconds, {**used, "output_path": str(out)}
+    return work
 
-    end_to_end, _ = median_rate(once, repeats=run["repeats"], warmup=run["warmup"])
-    samples = loop_rates[-run["repeats"]:]
-    quality = {"end_to_end_tokens_per_second": end_to_end, "bytes_per_token": folder_bytes(out) / tokens.size}
-    config = {**settings, "version": importlib.metadata.version("sae-lens"), "model": cfg.model_name,
+
+def _saelens_row(t: _Timed, cfg: HarvestConfig, tokens: np.ndarray, run: dict) -> Row:
+    quality = {"end_to_end_tokens_per_second": statistics.median(t.whole),
+               "bytes_per_token": folder_bytes(t.last["output_path"]) / tokens.size}
+    config = {**t.last, "version": importlib.metadata.version("sae-lens"), "model": cfg.model_name,
               "dataset_path": str(cfg.dataset_path), **run}
-    return Row("harvest", "SAELens", statistics.median(samples), "tokens/s", samples, quality, config)
+    return Row("harvest", "SAELens", statistics.median(t.rates), "tokens/s", t.rates, quality, config)
 
 
 def saelens_cache(model, tokens: np.ndarray, out: Path, *, hook: str, model_name: str, dataset_path: str,
@@ -226,19 +273,23 @@ def saelens_cache(model, tokens: np.ndarray, out: Path, *, hook: str, model_name
     return seconds, {**settings, "n_buffers": n_buffers}
 
 
-def _hooks_rows(cfg: HarvestConfig, model, tokens: np.ndarray, workdir: Path, one_hook: Row, run: dict) -> list[Row]:
-    """Our fp32 harvest with 1 to 4 hooks of one block in a pass (the 1-hook row is ``one_hook``)."""
+def _hooks_rows(cfg: HarvestConfig, model, tokens: np.ndarray, workdir: Path, run: dict) -> list[Row]:
+    """Our fp32 harvest capturing 1 to 4 hooks of one block in a pass, the four taking turns; each
+    row references ``1 hook`` (``paired_ratio``: the median of the per-round ratios)."""
     hook = cfg.hook_names[0]
     layer = models.hook_layer(hook)
     same_block = [f"blocks.{layer}.hook_{name}" for name in ("resid_pre", "resid_mid", "mlp_out", "resid_post")]
     hooks = [hook] + [h for h in same_block if h != hook][:3]
     models.validate_hook_names(model, hooks)
-    rows = [dataclasses.replace(one_hook, case="harvest_hooks", variant="1 hook", reference=None, ratio=None)]
-    for n in range(2, len(hooks) + 1):
-        r = _ours_row(f"{n} hooks", dataclasses.replace(cfg, hook_names=hooks[:n]), model, tokens,
-                      workdir / f"{n}", one_hook, run)
-        r.quality.pop("fraction_of_forward")  # same forward as one hook: the ratio says it
-        rows.append(dataclasses.replace(r, case="harvest_hooks", reference="1 hook"))
+    variants = [_ours(f"{n} hook{'s' * (n > 1)}", dataclasses.replace(cfg, hook_names=hooks[:n]), model,
+                      workdir / f"{n}") for n in range(1, len(hooks) + 1)]
+    _rounds(variants, run)
+    rows = []
+    for t in variants:
+        row = dataclasses.replace(_ours_row(t, tokens, run, forward=None), case="harvest_hooks")
+        if t is not variants[0]:
+            row.reference, row.quality["paired_ratio"] = "1 hook", _paired(t, variants[0])
+        rows.append(row)
     return rows
 
 

@@ -54,14 +54,31 @@ def median_rate(run: Callable[[], float], *, repeats: int = 3, warmup: int = 1) 
     Returns:
         ``(median units/s, [units/s of each repeat])``.
     """
-    for _ in range(warmup):
-        run()
-    rates = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        units = run()
-        rates.append(units / (time.perf_counter() - t0))
+    rates = interleaved_calls({"run": run}, repeats=repeats, warmup=warmup)["run"]
     return statistics.median(rates), rates
+
+
+def interleaved_calls(runs: dict[str, Callable[[], float]], *, repeats: int = 3, warmup: int = 1
+                      ) -> dict[str, list[float]]:
+    """``units / seconds`` of each call of each of ``runs``, the runs taking turns call by call.
+
+    Every run is first called ``warmup`` times untimed, then ``repeats`` rounds call each run once
+    in order. Calls of one round see the same machine (a shared machine drifts by 30% within
+    minutes), so ratios within a round are steadier than ratios of medians timed minutes apart.
+
+    Returns:
+        ``{name: [units/s of its call in each round]}``.
+    """
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            units = run()
+            rates[name].append(units / (time.perf_counter() - t0))
+    return rates
 
 
 def add_ratios(rows: list[Row]) -> list[Row]:
