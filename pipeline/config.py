@@ -252,7 +252,8 @@ class HarvestConfig(_Config):
             )
         if self.holdout_tokens is not None and not 0 <= self.holdout_tokens < self.n_tokens:
             raise ConfigError(
-                f"holdout_tokens ({self.holdout_tokens}) must be >= 0 and below n_tokens ({self.n_tokens})."
+                f"holdout_tokens ({self.holdout_tokens}) must be >= 0 and below n_tokens ({self.n_tokens}): "
+                "lower it (--set holdout_tokens=N; 0 holds none out) or raise n_tokens."
             )
         if not 1 <= self.compression_level <= 22:
             raise ConfigError(f"compression_level must be in 1..22, got {self.compression_level}.")
@@ -468,7 +469,7 @@ class TrainConfig(_Config):
             raise ConfigError(f"matryoshka_widths must be a list of positive integers such as [128, 512, 4608], "
                               f"got {self.matryoshka_widths!r}.")
         if self.architecture in ARCHITECTURE_FIELDS["k"] and self.k > self.d_sae:
-            raise ConfigError(f"k ({self.k}) must not exceed d_sae ({self.d_sae}).")
+            raise ConfigError(f"k ({self.k:g}) must not exceed d_sae ({self.d_sae}): lower k or raise d_sae.")
         if self.architecture == "topk" and not float(self.k).is_integer():
             raise ConfigError(f"topk needs a whole k, got {self.k}; use batchtopk for a fractional average k.")
         if self.shuffle_buffer_tokens < 2 * self.train_batch_size_tokens:

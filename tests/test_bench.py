@@ -148,19 +148,44 @@ def test_the_suite_writes_json_and_markdown_and_keeps_going_past_a_failed_case(r
     monkeypatch.setattr(codecs, "codec_rows", broken)
     result = suite.run_suite(["scaling", "codecs"], cache=str(real_cache.path), out=tmp_path, quick=True,
                              echo=lambda s: None)
-    saved = json.loads((tmp_path / "bench.json").read_text())
+    def strict(constant):
+        raise ValueError(f"bench.json holds {constant}, which is not JSON")
+    saved = json.loads((tmp_path / "bench.json").read_text(), parse_constant=strict)
     assert saved["errors"] == {"codecs": "RuntimeError: boom"} == result["errors"]
+    sweep_bytes = next(g for g in saved["goals"] if g["name"].startswith("sweep: cache bytes"))
+    assert sweep_bytes["target"] is None and sweep_bytes["met"] is None  # no sweep ran: no 1 / points
     variants = [r["variant"] for r in saved["rows"]]
     assert variants == ["d_sae 256", "d_sae 512", "k 8", "k 16"]
     assert saved["machine"]["packages"]["torch"] == torch.__version__ and saved["args"]["quick"] is True
     md = (tmp_path / "bench.md").read_text()
     assert "## scaling_d_sae" in md and "## scaling_k" in md and "## goals (issues 4 and 6)" in md
+    assert "- `codecs`: RuntimeError: boom" in md and "Cases scaling, codecs;" in md and "`--quick` sizes" in md
 
 
 def test_unknown_cases_are_refused_with_the_valid_names():
     with pytest.raises(ConfigError, match="train_topk.*codecs"):
         suite.parse_cases("train_topk,codec")
-    assert suite.parse_cases("all") == list(suite.CASES)
+    for empty in ("", " , "):
+        with pytest.raises(ConfigError, match="no bench case given"):
+            suite.parse_cases(empty)
+    assert suite.parse_cases("all") == list(suite.CASES) == suite.parse_cases("harvest,all")
+    assert suite.parse_cases("sweep,harvest,sweep") == ["harvest", "sweep"]  # each once, in suite order
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "tpu"], "device 'tpu' is not a torch device"),
+    (["--cases", "codecs", "--cache", "{tmp}/none"], "no activation cache at '.*none', which the codecs case"),
+])
+def test_the_bench_command_refuses_a_bad_device_or_a_missing_cache_before_running_anything(tmp_path, capsys, args,
+                                                                                           message):
+    import re
+
+    from stages.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--out", str(tmp_path / "out"), *[a.format(tmp=tmp_path) for a in args]])
+    assert exit_info.value.code == 2 and not (tmp_path / "out").exists()
+    assert re.search(message, capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -69,6 +69,15 @@ def test_harvest_rows_measure_what_they_say(tmp_path, shared_data, smollm2):
             assert row.reference == "1 hook" and row.quality["paired_ratio"] == pytest.approx(row.ratio)
 
 
+def test_harvest_rows_without_saelens_keep_ours_and_the_forward(tmp_path, shared_data, smollm2):
+    rows = by_key(harvest_rows(dataset_path=shared_data / "wikitext2_raw" / "wiki.test.raw", n_tokens=64,
+                               context_size=64, repeats=1, warmup=0, workdir=tmp_path, model=smollm2, saelens=False))
+    assert ("harvest", "SAELens") not in rows and not (tmp_path / "saelens").exists()
+    ours = rows["harvest", "ours fp32 compute, float16 storage"]
+    assert ours.reference is None and "bytes_per_token_vs_saelens" not in ours.quality
+    assert ours.quality["fraction_of_forward"] == pytest.approx(ours.value / rows["harvest", "forward only"].value)
+
+
 def test_tiled_cache_repeats_its_source_chunk_by_chunk(real_cache, tmp_path):
     n_src = real_cache.layout.n_tokens // real_cache.layout.chunk_tokens  # 12 full chunks
     tiled = build_tiled_cache(real_cache, 16 * 4096, tmp_path / "tiled")

@@ -78,22 +78,24 @@ SAELENS_MAX_BUFFER_BYTES = 2e9
 def harvest_rows(*, model_name: str = "smollm2-135m", hook: str = "blocks.8.hook_resid_post",
                  dataset_path: str | Path = DEFAULT_DATASET, n_tokens: int = 32_768, context_size: int = 128,
                  store_batch_size_prompts: int = 16, repeats: int = 3, warmup: int = 1,
-                 workdir: Path, model=None) -> list[Row]:
+                 workdir: Path, model=None, device: str = "cpu", saelens: bool = True) -> list[Row]:
     """Rows of cases ``harvest`` and ``harvest_hooks`` (see the module docstring).
 
     ``n_tokens`` is rounded down to whole forward batches (``store_batch_size_prompts`` rows of
     ``context_size``; fewer rows per batch when the harvest has fewer) so SAELens, which only
     writes whole buffers of whole batches, stores exactly the same rows. ``warmup`` untimed runs
     precede the ``repeats`` timed ones of every variant. Folders go under ``workdir``. ``model``:
-    ``model_name`` already loaded in float32 (``pipeline.models.load_model``), else it is loaded here.
+    ``model_name`` already loaded in float32 on ``device`` (``pipeline.models.load_model``), else it
+    is loaded here. ``device``: where the models run (the harvests' ``device``). ``saelens=False``
+    leaves SAELens out (no ``SAELens`` row, no ratios to it).
     """
     workdir = Path(workdir)
-    model = model if model is not None else models.load_model(model_name)
+    model = model if model is not None else models.load_model(model_name, device=device)
     # No holdout: a harvest shrinks its chunks to fit a holdout smaller than 4,096 tokens, and a
     # forward batch never straddles a chunk, so a small benchmark harvest would run smaller forward
     # batches than a real one (and than the forward-only and SAELens rows).
     base = HarvestConfig(model_name=model_name, hook_names=[hook], dataset_path=str(dataset_path),
-                         context_size=context_size, n_tokens=n_tokens, holdout_tokens=0, overwrite=True)
+                         context_size=context_size, n_tokens=n_tokens, holdout_tokens=0, overwrite=True, device=device)
     tokens = tokenize_dataset(base, model.tokenizer)
     batch = min(store_batch_size_prompts, tokens.shape[0])
     tokens = tokens[: tokens.shape[0] // batch * batch]
@@ -104,24 +106,25 @@ def harvest_rows(*, model_name: str = "smollm2-135m", hook: str = "blocks.8.hook
     ours = _ours("ours fp32 compute, float16 storage", base, model, workdir / "fp32")
     zstd = _ours("ours fp32 compute, float16 storage, zstd", dataclasses.replace(base, compression="zstd"),
                  model, workdir / "zstd")
-    saelens = _Timed("SAELens", _saelens_work(model, tokens, base, workdir / "saelens"))
-    _rounds([fwd, ours, zstd, saelens], run)
-    model_bf16 = models.load_model(model_name, dtype=torch.bfloat16)
+    theirs = [_Timed("SAELens", _saelens_work(model, tokens, base, workdir / "saelens"))] if saelens else []
+    _rounds([fwd, ours, zstd, *theirs], run)
+    model_bf16 = models.load_model(model_name, device=device, dtype=torch.bfloat16)
     fwd_bf16 = _Timed("forward only, bf16 compute", _forward_work(model_bf16, tokens, base), _settings(base))
     bf16 = _ours("ours bf16 compute, float16 storage", dataclasses.replace(base, model_dtype="bfloat16"),
                  model_bf16, workdir / "bf16")
     _rounds([fwd_bf16, bf16], run)
     del model_bf16
 
-    rows = [_forward_row(fwd, model, run), _forward_row(fwd_bf16, model, run, dtype="bfloat16"),
-            *(_ours_row(t, tokens, run, forward=f) for t, f in ((ours, fwd), (zstd, fwd), (bf16, fwd_bf16))),
-            _saelens_row(saelens, base, tokens, run)]
-    rows[4].quality.update(compare_caches(workdir / "fp32", workdir / "bf16", hook))
-    for r, t in zip(rows[2:5], (ours, zstd, bf16)):
-        r.reference = "SAELens"
-        r.quality["bytes_per_token_vs_saelens"] = r.quality["bytes_per_token"] / rows[5].quality["bytes_per_token"]
-        if t is not bf16:  # timed in the same rounds as SAELens
-            r.quality["paired_ratio"] = _paired(t, saelens)
+    ours_rows = [_ours_row(t, tokens, run, forward=f) for t, f in ((ours, fwd), (zstd, fwd), (bf16, fwd_bf16))]
+    ours_rows[2].quality.update(compare_caches(workdir / "fp32", workdir / "bf16", hook))
+    rows = [_forward_row(fwd, run), _forward_row(fwd_bf16, run, dtype="bfloat16"), *ours_rows]
+    if theirs:
+        rows.append(_saelens_row(theirs[0], base, tokens, run))
+        for r, t in zip(ours_rows, (ours, zstd, bf16)):
+            r.reference = "SAELens"
+            r.quality["bytes_per_token_vs_saelens"] = r.quality["bytes_per_token"] / rows[-1].quality["bytes_per_token"]
+            if t is not bf16:  # timed in the same rounds as SAELens
+                r.quality["paired_ratio"] = _paired(t, theirs[0])
     return add_ratios(rows + _hooks_rows(base, model, tokens, workdir / "hooks", run))
 
 
@@ -165,13 +168,15 @@ def _forward_work(model, tokens: np.ndarray, cfg: HarvestConfig) -> Callable[[],
         t0 = time.perf_counter()
         with torch.no_grad():
             for s in range(0, tokens.shape[0], cfg.store_batch_size_prompts):
-                batch = torch.from_numpy(tokens[s : s + cfg.store_batch_size_prompts].astype(np.int64))
+                batch = torch.from_numpy(tokens[s : s + cfg.store_batch_size_prompts].astype(np.int64)).to(cfg.device)
                 model.run_with_cache(batch, names_filter=list(cfg.hook_names), stop_at_layer=stop_at)
+        if torch.device(cfg.device).type == "cuda":
+            torch.cuda.synchronize()  # the forward is only done when its kernels are
         return tokens.size, time.perf_counter() - t0, stop_at
     return work
 
 
-def _forward_row(t: _Timed, model, run: dict, dtype: str = "float32") -> Row:
+def _forward_row(t: _Timed, run: dict, dtype: str = "float32") -> Row:
     return Row("harvest", t.variant, statistics.median(t.rates), "tokens/s", t.rates,
                config={**t.config, "model_dtype": dtype, "stop_at_layer": t.last, **run})
 
@@ -211,7 +216,8 @@ def _saelens_work(model, tokens: np.ndarray, cfg: HarvestConfig, out: Path) -> C
     (:func:`saelens_cache`); the rate reported is ``runner.run()``'s, the product its settings."""
     def work() -> tuple[int, float, Any]:
         seconds, used = saelens_cache(model, tokens, out, hook=cfg.hook_names[0], model_name=cfg.model_name,
-                                      dataset_path=str(cfg.dataset_path), batch_prompts=cfg.store_batch_size_prompts)
+                                      dataset_path=str(cfg.dataset_path), batch_prompts=cfg.store_batch_size_prompts,
+                                      device=cfg.device)
         return tokens.size, seconds, {**used, "output_path": str(out)}
     return work
 
@@ -225,7 +231,7 @@ def _saelens_row(t: _Timed, cfg: HarvestConfig, tokens: np.ndarray, run: dict) -
 
 
 def saelens_cache(model, tokens: np.ndarray, out: Path, *, hook: str, model_name: str, dataset_path: str,
-                  batch_prompts: int) -> tuple[float, dict[str, Any]]:
+                  batch_prompts: int, device: str = "cpu") -> tuple[float, dict[str, Any]]:
     """Cache the activations of ``tokens`` ``[n_seqs, context_size]`` at ``hook`` with SAELens
     6.54.12's ``CacheActivationsRunner`` into ``out`` (emptied first), float32 and in row order.
 
@@ -235,7 +241,7 @@ def saelens_cache(model, tokens: np.ndarray, out: Path, *, hook: str, model_name
     in forward batches of ``batch_prompts`` rows (``n_seqs`` must be a multiple). The buffers are
     sized to cover the rows exactly: it writes whole buffers and silently wraps around the dataset
     to fill one (its default 2 GB buffer is 868K fp32 tokens of SmolLM2-135M). ``dataset_path`` and
-    ``model_name`` are only recorded in its config.
+    ``model_name`` are only recorded in its config; ``device`` is its ``device`` (``model`` must be there).
 
     Returns:
         ``(seconds of runner.run(): forward, shard writes, consolidation; the runner's settings)``.
@@ -254,7 +260,7 @@ def saelens_cache(model, tokens: np.ndarray, out: Path, *, hook: str, model_name
     n_buffers = next(k for k in range(fewest, n_batches + 1) if n_batches % k == 0)
     buffer_tokens = tokens.size // n_buffers
     settings = {"model_batch_size": batch_prompts, "context_size": tokens.shape[1], "hook_name": hook, "d_in": d_in,
-                "training_tokens": tokens.size, "dtype": "float32", "device": "cpu", "prepend_bos": False,
+                "training_tokens": tokens.size, "dtype": "float32", "device": device, "prepend_bos": False,
                 "shuffle": False, "streaming": False,
                 # half a token of slack: the runner floors buffer_size_gb * 1e9 / bytes_per_token
                 "buffer_size_gb": (buffer_tokens + 0.5) * bytes_per_token / 1e9}

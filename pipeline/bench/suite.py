@@ -73,16 +73,21 @@ CASES = ("train_topk", "train_standard", "scaling", "codecs", "harvest", "memory
 
 
 def parse_cases(text: str) -> list[str]:
-    """``"train_topk,codecs"`` → the list, checked against :data:`CASES`.
+    """``"train_topk,codecs"`` → the list in :data:`CASES` order, each once; ``all`` anywhere in it
+    means every case.
 
     Raises:
-        ConfigError: an unknown case name (with the valid ones).
+        ConfigError: no case named, or an unknown case name (with the valid ones).
     """
-    cases = [c.strip() for c in text.split(",") if c.strip()] if text != "all" else list(CASES)
-    unknown = [c for c in cases if c not in CASES]
-    if unknown or not cases:
-        raise ConfigError(f"unknown bench case(s) {unknown or text!r}; choose from: {', '.join(CASES)} (or all).")
-    return cases
+    named = [c.strip() for c in text.split(",") if c.strip()]
+    if not named:
+        raise ConfigError(f"no bench case given in {text!r}; name some of: {', '.join(CASES)} (or all).")
+    if "all" in named:
+        return list(CASES)
+    unknown = [c for c in named if c not in CASES]
+    if unknown:
+        raise ConfigError(f"unknown bench case(s) {unknown}; choose from: {', '.join(CASES)} (or all).")
+    return [c for c in CASES if c in named]
 
 
 def run_case(case: str, *, cache: str, workdir: Path, sizes: Sizes, device: str, saelens: bool) -> list[Row]:
@@ -116,7 +121,8 @@ def run_case(case: str, *, cache: str, workdir: Path, sizes: Sizes, device: str,
     if case == "harvest":
         from pipeline.bench.harvest_speed import harvest_rows
 
-        return harvest_rows(n_tokens=sizes.harvest_tokens, repeats=sizes.repeats, workdir=workdir / "harvest")
+        return harvest_rows(n_tokens=sizes.harvest_tokens, repeats=sizes.repeats, workdir=workdir / "harvest",
+                            device=device, saelens=saelens)
     if case == "sweep":
         from pipeline.bench.sweep_speed import SweepBench, sweep_rows
 
@@ -152,11 +158,11 @@ class Goal:
     name: str
     measured: float | None
     op: str
-    target: float
+    target: float | None  # None: set by what was run (the sweep's 1 / points) and nothing was
 
     @property
     def met(self) -> bool | None:
-        if self.measured is None or math.isnan(self.measured):
+        if self.measured is None or self.target is None or math.isnan(self.measured):
             return None
         return self.measured >= self.target if self.op == ">=" else self.measured <= self.target
 
@@ -213,7 +219,7 @@ def _sweep_goals(rows: list[Row]) -> list[Goal]:
              _ratio(_value(rows, "sweep", "SAELens sequential"), fused), ">=", 3.0),
         Goal("sweep: cache bytes read, fused / sequential runs",
              _value(rows, "sweep_cache_reads", "fused sweep", "activation_bytes_vs_sequential"), "<=",
-             1 / n_points if n_points else math.nan),
+             1 / n_points if n_points else None),
         Goal("sweep: fused group peak memory growth / estimate",
              _value(rows, "sweep_memory", "fused group", "growth_over_estimate"), "<=", 1.0),
     ]
@@ -235,8 +241,13 @@ def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [f"# sae-pipeline bench ({result['finished']})", "",
              f"{m['cpu']}, {m['cpu_count']} cores, torch threads {m['torch_threads']}, {m['memory_gib']} GiB, "
-             f"device {result['args']['device']}; load average at start {m['load_average_at_start']}; "
-             + ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v), ""]
+             f"device {result['args']['device']}; load average at start "
+             + " / ".join(f"{x:.2f}" for x in m["load_average_at_start"]) + "; "
+             + ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v), "",
+             _run_line(result["args"]), ""]
+    if result["errors"]:
+        lines += ["**Failed cases** (their goals stay unmeasured):", "",
+                  *(f"- `{case}`: {err}" for case, err in result["errors"].items()), ""]
     for case in dict.fromkeys(r["case"] for r in result["rows"]):
         rows = [r for r in result["rows"] if r["case"] == case]
         keys = list(dict.fromkeys(k for r in rows for k in r["quality"]))
@@ -251,6 +262,12 @@ def markdown(result: dict[str, Any]) -> str:
     for g in result["goals"]:
         lines.append(f"| {g['name']} | {_fmt(g['measured'])} | {g['op']} {_fmt(g['target'])} | {_fmt(g['met'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _run_line(args: dict[str, Any]) -> str:
+    """What was run: the cases, the cache, and whether the sizes were ``--quick``'s."""
+    line = f"Cases {', '.join(args['cases'])}; cache `{args['cache']}`" + ("" if args["saelens"] else "; no SAELens")
+    return line + (". **`--quick` sizes: the figures check the machinery and mean nothing.**" if args["quick"] else ".")
 
 
 def run_suite(cases: list[str], *, cache: str, out: Path, device: str = "cpu", quick: bool = False,
