@@ -65,6 +65,7 @@ SWEEP_INDEX_FILENAME = "sweep.json"
 DEFAULT_SWEEPS_ROOT = "data/sweeps"
 DEFAULT_MAX_MEMORY_GB = 8.0
 GIB = 1024**3
+MAX_INVALID_SHOWN = 10  # invalid points listed in one error; the rest are counted
 
 _SWEEP_KEYS = ("name", "output_path", "base", "grid", "points", "evaluate")
 _SWEEP_OWNED_FIELDS = ("output_path", "overwrite", "checkpoint_path", "resume_from_checkpoint")
@@ -108,8 +109,9 @@ def load_sweep(path: str | Path, base_overrides: dict[str, Any] | None = None) -
 
     Raises:
         ConfigError: an empty file, unknown or misplaced keys, an empty or non-list grid entry, a
-            field in both ``grid`` and ``points``, a field the sweep sets itself, a point whose
-            TrainConfig is invalid (the message names the point and the field), or two identical
+            field in both ``grid`` and ``points``, a field the sweep sets itself, points whose
+            TrainConfig is invalid (the message names each, up to ``MAX_INVALID_SHOWN``, with its
+            field), or two identical
             points (the same id, or configs that train the same SAE).
     """
     raw = read_yaml_mapping(path)
@@ -127,8 +129,16 @@ def load_sweep(path: str | Path, base_overrides: dict[str, Any] | None = None) -
     _check_evaluate(evaluate)
     output_path = Path(raw.get("output_path") or Path(DEFAULT_SWEEPS_ROOT) / name)
     params_list = expand(grid, entries)
-    points = [_make_point(name, output_path, base, params, i, len(params_list))
-              for i, params in enumerate(params_list)]
+    points, invalid = [], []
+    for i, params in enumerate(params_list):
+        try:
+            points.append(_make_point(name, output_path, base, params, i, len(params_list)))
+        except ConfigError as err:  # gather them: one edit of the file should fix every bad point
+            invalid.append(str(err))
+    if invalid:
+        shown = invalid[:MAX_INVALID_SHOWN] + [f"... and {len(invalid) - MAX_INVALID_SHOWN} more"] * (
+            len(invalid) > MAX_INVALID_SHOWN)
+        raise ConfigError(shown[0] if len(invalid) == 1 else f"{len(invalid)} invalid points:\n  " + "\n  ".join(shown))
     _check_unique(points)
     return Sweep(name, output_path, points, evaluate, str(path))
 

@@ -104,6 +104,9 @@ def test_points_are_crossed_with_the_grid(tmp_path):
     ({"grid": {"l1_coefficient": [1, -1]}, "base": {"architecture": "standard"}},
      r"point 2 of 2 \(l1_coefficient=-1\): l1_coefficient must be >= 0"),
     ({"grid": {"k": [4, 64]}}, r"point 2 of 2 \(k=64\): k \(64\) must not exceed d_sae \(32\)"),
+    ({"grid": {"k": [0, 4, 64]}}, r"2 invalid points:\n  sweep '.*', point 1 of 3 \(k=0\): k must be .*\n"
+                                  r"  sweep '.*', point 3 of 3 \(k=64\): k \(64\) must not exceed d_sae \(32\)"),
+    ({"grid": {"k": list(range(33, 45))}}, r"12 invalid points:\n(  sweep .*\n){10}  \.\.\. and 2 more$"),
     ({"gird": {"k": [4]}}, "unknown key 'gird'. Did you mean 'grid'"),
     ({"grid": {"k": 4}}, r"grid.k must be a non-empty list"),
     ({"grid": {"output_path": ["a", "b"]}}, "sets 'output_path', which the sweep sets itself"),
