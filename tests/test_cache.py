@@ -442,7 +442,7 @@ def test_a_format_2_cache_is_still_read_and_verified_with_crc32(tmp_path):
     import zarr
 
     acts = np.random.default_rng(4).normal(size=(256, 8)).astype(np.float32)
-    cache = write_synthetic_cache(tmp_path / "c", acts, np.zeros((8, 32), np.int32))
+    write_synthetic_cache(tmp_path / "c", acts, np.zeros((8, 32), np.int32))
     group = zarr.open_group(str(tmp_path / "c"), mode="r+")  # what sae-pipeline wrote before format 3
     group.attrs["format_version"] = 2
     group[f"checksums/{HOOK}"][:] = [zlib.crc32(acts[i * 64:(i + 1) * 64].tobytes()) for i in range(4)]

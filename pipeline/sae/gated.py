@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline.sae.base import SAE, SAEConfig, TrainStepOutput
+from pipeline.sae.base import SAE, TrainStepOutput
 
 DECODER_INIT_NORM = 0.1  # SAELens TrainingSAEConfig.decoder_init_norm default
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pipeline.sae.base import SAE, SAEConfig, TrainStepOutput
+from pipeline.sae.base import SAE, TrainStepOutput
 from pipeline.sae.sparse import ActiveLatents, csr_kernels_apply, decode_active, encode_active
 from pipeline.sae.topk import reconstruction_mse
 
