@@ -25,11 +25,12 @@ Rows of case ``"harvest"`` (tokens/s):
   ``ours bf16 compute, float16 storage``: ``pipeline.harvest.harvest`` into a fresh folder each run.
   The value is the forward + write loop (``HarvestResult.tokens_per_second``, what a harvest
   prints); ``quality`` adds ``end_to_end_tokens_per_second`` (the whole call: tokenizing, model
-  fingerprint, statistics pass), ``fraction_of_forward`` (median over rounds of value / forward-only of
-  the same compute dtype; the goal is ≥ 0.9), ``paired_ratio`` (fp32 rows: median over rounds of
-  value / SAELens's; the goal "at least SAELens's tokens/s" reads it) and ``bytes_per_token``. The bf16 row adds ``cosine_to_fp32`` (mean
-  over tokens of the cosine between its stored activations and the fp32-compute cache's) and
-  ``relative_error`` (mean over tokens of ``||x_bf16 - x_fp32|| / ||x_fp32||``).
+  fingerprint, statistics pass), ``fraction_of_forward`` (median over rounds of value / forward-only
+  of the same compute dtype; the goal is ≥ 0.9), ``paired_ratio`` (fp32 rows: median over rounds of
+  value / SAELens's; the goal "at least SAELens's tokens/s" reads it) and ``bytes_per_token``. The
+  bf16 row adds ``cosine_to_fp32`` (mean over tokens of the cosine between its stored activations
+  and the fp32-compute cache's) and ``relative_error`` (mean over tokens of
+  ``||x_bf16 - x_fp32|| / ||x_fp32||``).
 * ``SAELens``: its ``CacheActivationsRunner`` (float32 storage, its default and the ANCHORS.md
   setup: a Hugging Face ``datasets`` folder of ``[context_size, d_in]`` rows plus token ids) over the
   same rows given as a pre-tokenized ``input_ids`` dataset, driving our already-loaded model. The
@@ -62,7 +63,7 @@ import numpy as np
 import torch
 
 from pipeline import models
-from pipeline.bench.measure import Row, add_ratios, interleaved_calls
+from pipeline.bench.measure import Row, add_ratios, interleaved_calls, paired_ratio
 from pipeline.cache import ActivationCache
 from pipeline.config import HarvestConfig
 from pipeline.harvest import harvest, tokenize_dataset
@@ -124,7 +125,7 @@ def harvest_rows(*, model_name: str = "smollm2-135m", hook: str = "blocks.8.hook
             r.reference = "SAELens"
             r.quality["bytes_per_token_vs_saelens"] = r.quality["bytes_per_token"] / rows[-1].quality["bytes_per_token"]
             if t is not bf16:  # timed in the same rounds as SAELens
-                r.quality["paired_ratio"] = _paired(t, theirs[0])
+                r.quality["paired_ratio"] = paired_ratio(t.rates, theirs[0].rates)
     return add_ratios(rows + _hooks_rows(base, model, tokens, workdir / "hooks", run))
 
 
@@ -153,11 +154,6 @@ def _rounds(variants: list[_Timed], run: dict) -> None:
     whole = interleaved_calls({v.variant: v for v in variants}, repeats=run["repeats"], warmup=run["warmup"])
     for v in variants:
         v.whole, v.rates = whole[v.variant], v.rates[run["warmup"]:]
-
-
-def _paired(a: _Timed, b: _Timed) -> float:
-    """Median over rounds of ``a``'s rate over ``b``'s in the same round."""
-    return statistics.median(x / y for x, y in zip(a.rates, b.rates))
 
 
 def _forward_work(model, tokens: np.ndarray, cfg: HarvestConfig) -> Callable[[], tuple[int, float, Any]]:
@@ -203,7 +199,7 @@ def _ours_row(t: _Timed, tokens: np.ndarray, run: dict, forward: _Timed | None) 
     quality = {"end_to_end_tokens_per_second": statistics.median(t.whole), "bytes_per_token": on_disk,
                "activation_bytes_per_token": sum(folder_bytes(out / h) for h in t.config["hook_names"]) / tokens.size}
     if forward is not None:
-        quality = {"fraction_of_forward": _paired(t, forward), **quality}
+        quality = {"fraction_of_forward": paired_ratio(t.rates, forward.rates), **quality}
     # HarvestResult measures the same folder; a disagreement would mean one of the two is wrong.
     note = "" if math.isclose(t.last.bytes_per_token, on_disk, rel_tol=1e-6) else (
         f"HarvestResult.bytes_per_token {t.last.bytes_per_token:.1f} != folder size / tokens {on_disk:.1f}")
@@ -294,7 +290,7 @@ def _hooks_rows(cfg: HarvestConfig, model, tokens: np.ndarray, workdir: Path, ru
     for t in variants:
         row = dataclasses.replace(_ours_row(t, tokens, run, forward=None), case="harvest_hooks")
         if t is not variants[0]:
-            row.reference, row.quality["paired_ratio"] = "1 hook", _paired(t, variants[0])
+            row.reference, row.quality["paired_ratio"] = "1 hook", paired_ratio(t.rates, variants[0].rates)
         rows.append(row)
     return rows
 

@@ -81,6 +81,12 @@ def interleaved_calls(runs: dict[str, Callable[[], float]], *, repeats: int = 3,
     return rates
 
 
+def paired_ratio(rates: list[float], reference: list[float]) -> float:
+    """Median over rounds of ``rates[i] / reference[i]`` (both from :func:`interleaved_calls` or
+    another timing in rounds): a ratio that the machine's drift between rounds leaves alone."""
+    return statistics.median(a / b for a, b in zip(rates, reference, strict=True))
+
+
 def add_ratios(rows: list[Row]) -> list[Row]:
     """Fill ``ratio`` of each row whose ``reference`` names another variant of its case."""
     by_key = {(r.case, r.variant): r for r in rows}

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
-from pipeline.bench.measure import Row
+from pipeline.bench.measure import Row, interleaved_calls, paired_ratio
 from pipeline.cache import ActivationCache
 from pipeline.config import TrainConfig
 from pipeline.evals import ReconstructionStats
@@ -195,7 +194,7 @@ def measured_rows(variants: list[Variant], data: Data, bench: StepBench,
         quality = v.quality()
         ref = rates.get(v.reference) if v.reference else None
         if ref is not None and v.reference != v.name:
-            quality["paired_ratio"] = statistics.median(a / b for a, b in zip(rates[v.name], ref))
+            quality["paired_ratio"] = paired_ratio(rates[v.name], ref)
         rows.append(Row(bench.case, v.name, statistics.median(rates[v.name]), "tokens/s", rates[v.name], quality,
                         _row_config(configs[v.name], data), reference=v.reference if ref is not None else None))
     return rows
@@ -220,17 +219,20 @@ def interleaved_rates(variants: list[Variant], data: Data, bench: StepBench) -> 
     for v in variants:
         for i in range(bench.warmup_steps):
             v.step(batches[i % len(batches)])
-    rates: dict[str, list[float]] = {v.name: [] for v in variants}
-    for block in range(n_blocks):
-        first = bench.warmup_steps + block * bench.block_steps
-        for v in variants:
-            _synchronize(bench.device)
-            t0 = time.perf_counter()
+    _synchronize(bench.device)
+
+    def blocks_of(v: Variant) -> Callable[[], int]:
+        block = iter(range(n_blocks))
+
+        def run() -> int:
+            first = bench.warmup_steps + next(block) * bench.block_steps
             for i in range(first, first + bench.block_steps):
                 v.step(batches[i % len(batches)])
             _synchronize(bench.device)  # a CUDA step is only done when its kernels are
-            rates[v.name].append(bench.block_steps * bench.batch_size / (time.perf_counter() - t0))
-    return rates
+            return bench.block_steps * bench.batch_size
+        return run
+
+    return interleaved_calls({v.name: blocks_of(v) for v in variants}, repeats=n_blocks, warmup=0)
 
 
 def scaling_rows(cache_path: str, base: StepBench, d_saes=(2304, 4608, 9216), ks=(16, 32, 64, 128)) -> list[Row]:
