@@ -111,8 +111,7 @@ def load_sweep(path: str | Path, base_overrides: dict[str, Any] | None = None) -
         ConfigError: an empty file, unknown or misplaced keys, an empty or non-list grid entry, a
             field in both ``grid`` and ``points``, a field the sweep sets itself, points whose
             TrainConfig is invalid (the message names each, up to ``MAX_INVALID_SHOWN``, with its
-            field), or two identical
-            points (the same id, or configs that train the same SAE).
+            field), or two identical points (the same id, or configs that train the same SAE).
     """
     raw = read_yaml_mapping(path)
     if not raw:

@@ -103,14 +103,14 @@ def harvest_rows(*, model_name: str = "smollm2-135m", hook: str = "blocks.8.hook
     base = dataclasses.replace(base, n_tokens=tokens.size, store_batch_size_prompts=batch)
     run = {"repeats": repeats, "warmup": warmup, "torch_threads": torch.get_num_threads(), "interleaved": True}
 
-    fwd = _Timed("forward only", _forward_work(model, tokens, base), _settings(base))
+    fwd = _forward("forward only", model, tokens, base)
     ours = _ours("ours fp32 compute, float16 storage", base, model, workdir / "fp32")
     zstd = _ours("ours fp32 compute, float16 storage, zstd", dataclasses.replace(base, compression="zstd"),
                  model, workdir / "zstd")
     theirs = [_Timed("SAELens", _saelens_work(model, tokens, base, workdir / "saelens"))] if saelens else []
     _rounds([fwd, ours, zstd, *theirs], run)
     model_bf16 = models.load_model(model_name, device=device, dtype=torch.bfloat16)
-    fwd_bf16 = _Timed("forward only, bf16 compute", _forward_work(model_bf16, tokens, base), _settings(base))
+    fwd_bf16 = _forward("forward only, bf16 compute", model_bf16, tokens, base)
     bf16 = _ours("ours bf16 compute, float16 storage", dataclasses.replace(base, model_dtype="bfloat16"),
                  model_bf16, workdir / "bf16")
     _rounds([fwd_bf16, bf16], run)
@@ -118,7 +118,7 @@ def harvest_rows(*, model_name: str = "smollm2-135m", hook: str = "blocks.8.hook
 
     ours_rows = [_ours_row(t, tokens, run, forward=f) for t, f in ((ours, fwd), (zstd, fwd), (bf16, fwd_bf16))]
     ours_rows[2].quality.update(compare_caches(workdir / "fp32", workdir / "bf16", hook))
-    rows = [_forward_row(fwd, run), _forward_row(fwd_bf16, run, dtype="bfloat16"), *ours_rows]
+    rows = [_forward_row(fwd, run), _forward_row(fwd_bf16, run), *ours_rows]
     if theirs:
         rows.append(_saelens_row(theirs[0], base, tokens, run))
         for r, t in zip(ours_rows, (ours, zstd, bf16)):
@@ -156,7 +156,7 @@ def _rounds(variants: list[_Timed], run: dict) -> None:
         v.whole, v.rates = whole[v.variant], v.rates[run["warmup"]:]
 
 
-def _forward_work(model, tokens: np.ndarray, cfg: HarvestConfig) -> Callable[[], tuple[int, float, Any]]:
+def _forward(variant: str, model, tokens: np.ndarray, cfg: HarvestConfig) -> _Timed:
     """The model forward alone over ``tokens``, exactly as the harvest batches and stops it."""
     stop_at = models.stop_at_layer_for(cfg.hook_names)
 
@@ -168,13 +168,13 @@ def _forward_work(model, tokens: np.ndarray, cfg: HarvestConfig) -> Callable[[],
                 model.run_with_cache(batch, names_filter=list(cfg.hook_names), stop_at_layer=stop_at)
         if torch.device(cfg.device).type == "cuda":
             torch.cuda.synchronize()  # the forward is only done when its kernels are
-        return tokens.size, time.perf_counter() - t0, stop_at
-    return work
+        return tokens.size, time.perf_counter() - t0, None
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return _Timed(variant, work, {**_settings(cfg), "model_dtype": dtype, "stop_at_layer": stop_at})
 
 
-def _forward_row(t: _Timed, run: dict, dtype: str = "float32") -> Row:
-    return Row("harvest", t.variant, statistics.median(t.rates), "tokens/s", t.rates,
-               config={**t.config, "model_dtype": dtype, "stop_at_layer": t.last, **run})
+def _forward_row(t: _Timed, run: dict) -> Row:
+    return Row("harvest", t.variant, statistics.median(t.rates), "tokens/s", t.rates, config={**t.config, **run})
 
 
 def _ours(variant: str, cfg: HarvestConfig, model, out: Path) -> _Timed:
